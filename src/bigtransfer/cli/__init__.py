@@ -1,0 +1,50 @@
+"""The `bigtransfer` command line: one sub-module per verb, each with register() and run()."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
+VERBS = ["models", "convert"]
+
+# Errors that come from the user's input: printed as one clear line instead of a traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
+                                                 PermissionError, RuntimeError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every verb."""
+    parser = argparse.ArgumentParser(
+        prog="bigtransfer",
+        description="Big Transfer (BiT): pre-trained ResNet-v2 models, HyperRule fine-tuning, evaluation.",
+        epilog="Run 'bigtransfer VERB --help' for a verb's options.",
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"bigtransfer {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in VERBS:
+        module = importlib.import_module(f".{name}", __name__)
+        p = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP)
+        module.register(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as e:
+        print(f"bigtransfer {args.verb}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,206 @@
+"""ResNet-v2 with GroupNorm and Weight Standardization: the BiT architecture family."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The authors' release standardizes with eps 1e-10; timm and HF transformers use 1e-8.
+WS_EPS_RELEASE = 1e-10
+WS_EPS_PEERS = 1e-8
+GN_GROUPS = 32
+GN_EPS = 1e-5
+
+DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    14: (1, 1, 1, 1),
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+RELEASED_ARCHS = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
+
+_ARCH_RE = re.compile(r"^R(\d+)x(\d+(?:\.\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A ResNet-v2 shape: units per block and a width multiplier."""
+
+    depth: int
+    width: float
+
+    @property
+    def units(self) -> tuple[int, int, int, int]:
+        return DEPTHS[self.depth]
+
+    @property
+    def name(self) -> str:
+        w = int(self.width) if float(self.width).is_integer() else self.width
+        return f"R{self.depth}x{w}"
+
+    @property
+    def root_channels(self) -> int:
+        return int(64 * self.width)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(2048 * self.width)
+
+
+def parse_arch(name: str) -> Arch:
+    """Parse an architecture name such as 'R50x1' or 'R26x0.5'."""
+    m = _ARCH_RE.match(name)
+    if not m:
+        raise ValueError(f"not an architecture name: {name!r} (expected R<depth>x<width>, e.g. R50x1)")
+    depth, width = int(m.group(1)), float(m.group(2))
+    if depth not in DEPTHS:
+        raise ValueError(f"unknown depth {depth} in {name!r}; choose one of {sorted(DEPTHS)}")
+    if width <= 0 or (width * 2) != int(width * 2):
+        raise ValueError(f"width in {name!r} must be a positive multiple of 0.5")
+    return Arch(depth, width)
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d whose kernel is standardized per output channel before every use."""
+
+    def __init__(self, *args, eps: float = WS_EPS_RELEASE, **kwargs) -> None:
+        kwargs.setdefault("bias", False)
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The kernel with zero mean and unit (biased) variance per output channel."""
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, correction=0)
+        return (w - mean) * torch.rsqrt(var + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+def _gn(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GN_GROUPS, channels, eps=GN_EPS)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck unit; stride on the 3x3, projection from the activated input."""
+
+    def __init__(self, cin: int, cout: int, cmid: int, stride: int, ws_eps: float) -> None:
+        super().__init__()
+        self.gn1 = _gn(cin)
+        self.conv1 = StdConv2d(cin, cmid, 1, eps=ws_eps)
+        self.gn2 = _gn(cmid)
+        self.conv2 = StdConv2d(cmid, cmid, 3, stride=stride, padding=1, eps=ws_eps)
+        self.gn3 = _gn(cmid)
+        self.conv3 = StdConv2d(cmid, cout, 1, eps=ws_eps)
+        self.proj = StdConv2d(cin, cout, 1, stride=stride, eps=ws_eps) if (stride != 1 or cin != cout) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.gn1(x))
+        shortcut = self.proj(a) if self.proj is not None else x
+        y = self.conv1(a)
+        y = self.conv2(F.relu(self.gn2(y)))
+        y = self.conv3(F.relu(self.gn3(y)))
+        return y + shortcut
+
+
+class Root(nn.Module):
+    """7x7/2 standardized conv, zero pad 1, 3x3/2 max-pool without padding (no norm, no ReLU)."""
+
+    def __init__(self, channels: int, ws_eps: float) -> None:
+        super().__init__()
+        self.conv = StdConv2d(3, channels, 7, stride=2, padding=3, eps=ws_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Zero padding then an unpadded pool: not the same as the pool's own -inf padding,
+        # because the conv output can be negative.
+        return F.max_pool2d(F.pad(self.conv(x), (1, 1, 1, 1)), kernel_size=3, stride=2)
+
+
+class ResNetV2(nn.Module):
+    """BiT ResNet-v2: root, four pre-activation stages, GN+ReLU+pool+1x1-conv head."""
+
+    def __init__(self, arch: Arch | str, num_classes: int = 1000, ws_eps: float = WS_EPS_RELEASE,
+                 zero_head: bool = True) -> None:
+        super().__init__()
+        self.arch = parse_arch(arch) if isinstance(arch, str) else arch
+        self.ws_eps = ws_eps
+        self.labels: list[str] | None = None
+        w = self.arch.width
+        self.root = Root(self.arch.root_channels, ws_eps)
+        cin = self.arch.root_channels
+        stages = []
+        for i, n_units in enumerate(self.arch.units):
+            cmid = int(64 * w * 2**i)
+            cout = cmid * 4
+            units = []
+            for j in range(n_units):
+                stride = 1 if (i == 0 or j > 0) else 2
+                units.append(PreActBottleneck(cin, cout, cmid, stride, ws_eps))
+                cin = cout
+            stages.append(nn.Sequential(*units))
+        self.stages = nn.Sequential(*stages)
+        self.norm = _gn(cin)
+        self.head = nn.Conv2d(cin, num_classes, 1, bias=True)
+        self._init_weights(zero_head)
+
+    def _init_weights(self, zero_head: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, StdConv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_head:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_channels
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_channels
+
+    def reset_head(self, num_classes: int, zero_init: bool = True) -> None:
+        """Replace the classifier with a new one of `num_classes` outputs (zeros by default)."""
+        ref = self.head.weight
+        self.head = nn.Conv2d(self.feature_dim, num_classes, 1, bias=True).to(ref.device, ref.dtype)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.labels = None
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps after the root and after each of the four stages (strides 4, 4, 8, 16, 32)."""
+        feats = [self.root(x)]
+        for stage in self.stages:
+            feats.append(stage(feats[-1]))
+        return feats
+
+    def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Final normalized, activated feature map (N, 2048*w, H/32, W/32)."""
+        return F.relu(self.norm(self.stages(self.root(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logits (N, 2048*w)."""
+        return self.forward_maps(x).mean(dim=(2, 3))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from pooled pre-logits."""
+        return self.head(features[:, :, None, None]).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def count_parameters(model: nn.Module, include_head: bool = True) -> int:
+    """Number of parameters, optionally without the classifier head."""
+    total = sum(p.numel() for p in model.parameters())
+    if not include_head and isinstance(model, ResNetV2):
+        total -= sum(p.numel() for p in model.head.parameters())
+    return total

@@ -1,0 +1,86 @@
+"""Names that create_model accepts: released BiT checkpoints, bundled models and bare architectures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .models import RELEASED_ARCHS, Arch, parse_arch
+
+BASE_URL = "https://storage.googleapis.com/bit_models/"
+UPSTREAM_CLASSES = {"BiT-S": 1000, "BiT-M": 21843}
+LABEL_FILES = {
+    "imagenet21k": "imagenet21k_wordnet_lemmas.txt",
+    "imagenet21k_ids": "imagenet21k_wordnet_ids.txt",
+    "ilsvrc2012": "ilsvrc2012_wordnet_lemmas.txt",
+}
+# Small architectures for tests and CPU work; any R<depth>x<width> is accepted as well.
+SMALL_ARCHS = ("R14x0.5", "R14x1", "R26x0.5", "R26x1")
+BUNDLED_DIR = Path(__file__).parent / "weights"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model name stands for."""
+
+    name: str
+    arch: Arch
+    num_classes: int
+    url: str | None = None  # released weights in the authors' bucket
+    path: Path | None = None  # weights that ship inside the package
+    labels: str | None = None  # key of LABEL_FILES
+
+    @property
+    def has_weights(self) -> bool:
+        return self.url is not None or self.path is not None
+
+
+def _released() -> dict[str, ModelInfo]:
+    out: dict[str, ModelInfo] = {}
+    for arch in RELEASED_ARCHS:
+        for kind, classes in UPSTREAM_CLASSES.items():
+            name = f"{kind}-{arch}"
+            labels = "ilsvrc2012" if kind == "BiT-S" else "imagenet21k"
+            out[name] = ModelInfo(name, parse_arch(arch), classes, url=f"{BASE_URL}{name}.npz", labels=labels)
+        name = f"BiT-M-{arch}-ILSVRC2012"
+        out[name] = ModelInfo(name, parse_arch(arch), 1000, url=f"{BASE_URL}{name}.npz", labels="ilsvrc2012")
+    out["BiT-M-R50x1-CIFAR10"] = ModelInfo("BiT-M-R50x1-CIFAR10", parse_arch("R50x1"), 10,
+                                           url=f"{BASE_URL}BiT-M-R50x1-CIFAR10.npz")
+    return out
+
+
+RELEASED: dict[str, ModelInfo] = _released()
+
+
+def _bundled() -> dict[str, ModelInfo]:
+    """Models trained by this project that ship as safetensors inside the package."""
+    out: dict[str, ModelInfo] = {}
+    if BUNDLED_DIR.is_dir():
+        from .checkpoints import read_metadata  # local import: checkpoints imports this module
+
+        for path in sorted(BUNDLED_DIR.glob("*.safetensors")):
+            meta = read_metadata(path)
+            out[path.stem] = ModelInfo(path.stem, parse_arch(meta["arch"]), int(meta["num_classes"]), path=path)
+    return out
+
+
+def list_models() -> list[str]:
+    """Every name create_model accepts, besides any R<depth>x<width> architecture."""
+    archs = list(RELEASED_ARCHS) + [a for a in SMALL_ARCHS if a not in RELEASED_ARCHS]
+    return list(RELEASED) + list(_bundled()) + archs
+
+
+def resolve(name: str) -> ModelInfo:
+    """Look up a model name: released, bundled, or a bare architecture (1000-class head)."""
+    if name in RELEASED:
+        return RELEASED[name]
+    bundled = _bundled()
+    if name in bundled:
+        return bundled[name]
+    try:
+        arch = parse_arch(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {', '.join(list_models())} or any R<depth>x<width>"
+        ) from None
+    return ModelInfo(name, arch, 1000)
