@@ -32,7 +32,7 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode (grey, palette, RGBA, CMYK, 16-bit, float) as 8-bit RGB; alpha composited on white."""
     if img.mode == "RGB":
         return img
@@ -66,7 +66,7 @@ def open_rgb(path: str | os.PathLike | None = None, data: bytes | None = None) -
             src = Image.open(io.BytesIO(data))
         with src as img:
             img.load()  # decode now, so truncation is found here and not inside a worker later
-            rgb = _to_rgb(img)
+            rgb = to_rgb(img)
             rgb.load()
             return rgb
     except ImageError:

@@ -1,0 +1,248 @@
+"""Find a dataset's examples: an image folder, train/ + val/ or test/ folders, a CSV/JSONL manifest, or an .npz file.
+
+Every reader returns a `Found`: (source, class name) pairs for the training examples, the same for an explicit
+evaluation split when the source has one, the class list, and how many entries were ignored (hidden files and
+non-image files in folders). Array rows are addressed as ``"<npz path>#<row>"`` for the ``images`` array and
+``"<npz path>#<key>:<row>"`` for ``val_images`` / ``test_images``; `npz_row` reads one back.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .images import is_image_path, to_rgb
+
+
+class DataSourceError(ValueError):
+    """A dataset that cannot be read as given; the message names the file and the problem."""
+
+
+@dataclass
+class Found:
+    """The raw examples of a source, before labels become indices and before any checking or splitting."""
+
+    train: list[tuple[str, str]]
+    eval: list[tuple[str, str]] | None  # None: no explicit evaluation split
+    eval_name: str  # "val", "test", or "split" when the caller must split train
+    classes: list[str]
+    ignored: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def natural_sorted(names: set[str] | list[str]) -> list[str]:
+    """Class names in order: numerically when all are integers ("2" before "10"), else as strings."""
+    names = sorted(set(names))
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return names
+
+
+# ---- image folders ----------------------------------------------------------------------------------------------
+
+def _scan_class_folders(root: Path) -> tuple[list[tuple[str, str]], list[str], int]:
+    """(source, class) for every image under root/<class>/ (recursively), the classes, and the ignored count."""
+    records: list[tuple[str, str]] = []
+    classes: list[str] = []
+    ignored = 0
+    with os.scandir(root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir():
+            ignored += 1  # hidden entries and loose files at the top carry no class
+            continue
+        classes.append(entry.name)
+        for dirpath, dirnames, filenames in os.walk(entry.path):
+            hidden = [d for d in dirnames if d.startswith(".")]
+            ignored += len(hidden)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if is_image_path(path):
+                    records.append((path, entry.name))
+                else:
+                    ignored += 1
+    return records, classes, ignored
+
+
+def _read_folder(root: Path) -> Found:
+    train_dir = root / "train"
+    if train_dir.is_dir():
+        evals = [name for name in ("val", "test") if (root / name).is_dir()]
+        train, classes, ignored = _scan_class_folders(train_dir)
+        notes = []
+        if not evals:
+            notes.append(f"{root}: train/ has no val/ or test/ beside it, so train/ is split")
+            found = Found(train, None, "split", classes, ignored, notes)
+        else:
+            name = evals[0]
+            if len(evals) > 1:
+                notes.append(f"{root}: both val/ and test/ exist; evaluating on val/, test/ left untouched")
+            ev, ev_classes, ev_ignored = _scan_class_folders(root / name)
+            if not ev:
+                raise DataSourceError(f"{root / name}: no images in class sub-folders")
+            found = Found(train, ev, name, sorted(set(classes) | set(ev_classes)), ignored + ev_ignored, notes)
+        root = train_dir
+    else:
+        train, classes, ignored = _scan_class_folders(root)
+        found = Found(train, None, "split", classes, ignored)
+    if not found.classes:
+        raise DataSourceError(f"{root}: no class sub-folders (expected one folder of images per class)")
+    if not found.train:
+        raise DataSourceError(f"{root}: no image files in its class sub-folders ({len(found.classes)} folders)")
+    return found
+
+
+# ---- manifests --------------------------------------------------------------------------------------------------
+
+_EVAL_SPLITS = {"val": "val", "validation": "val", "valid": "val", "test": "test"}
+
+
+def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every data row of a CSV or JSONL manifest."""
+    rows: list[tuple[int, dict]] = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataSourceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        missing = {"path", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataSourceError(f"{path}: CSV header must have columns 'path' and 'label'; missing "
+                                  f"{', '.join(sorted(missing))} (header: {', '.join(reader.fieldnames or []) or 'none'})")
+        rows = [(reader.line_num, row) for row in reader]
+    else:
+        for num, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataSourceError(f"{path}, line {num}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataSourceError(f"{path}, line {num}: expected an object with keys 'path' and 'label'")
+            rows.append((num, row))
+    return rows
+
+
+def _read_manifest(path: Path) -> Found:
+    base = path.parent
+    train: list[tuple[str, str]] = []
+    evals: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
+    for num, row in _manifest_rows(path):
+        src, label = row.get("path"), row.get("label")
+        if src is None or str(src).strip() == "" or label is None or str(label).strip() == "":
+            raise DataSourceError(f"{path}, line {num}: needs a non-empty 'path' and 'label'")
+        src = str(src).strip()
+        full = src if os.path.isabs(src) else os.path.normpath(os.path.join(base, src))
+        split = str(row.get("split") or "train").strip().lower()
+        if split == "train":
+            train.append((full, str(label).strip()))
+        elif split in _EVAL_SPLITS:
+            evals[_EVAL_SPLITS[split]].append((full, str(label).strip()))
+        else:
+            raise DataSourceError(f"{path}, line {num}: split must be train, val or test, got {split!r}")
+    if not train:
+        raise DataSourceError(f"{path}: no training rows")
+    classes = natural_sorted({c for _, c in train} | {c for rows in evals.values() for _, c in rows})
+    notes, ignored = [], 0
+    name = "val" if evals["val"] else ("test" if evals["test"] else "split")
+    if evals["val"] and evals["test"]:
+        ignored = len(evals["test"])
+        notes.append(f"{path}: has both val and test rows; evaluating on val, the {ignored} test rows left untouched")
+    return Found(train, evals[name] if name != "split" else None, name, classes, ignored, notes)
+
+
+# ---- arrays -----------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def _npz_array(path: str, key: str) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:
+        return z[key]
+
+
+def _check_arrays(path: Path, images: np.ndarray, labels: np.ndarray, ikey: str, lkey: str) -> None:
+    if images.dtype != np.uint8:
+        raise DataSourceError(f"{path}: {ikey} must be uint8 pixels 0-255, got {images.dtype}")
+    if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3, 4))):
+        raise DataSourceError(f"{path}: {ikey} must have shape (N, H, W) or (N, H, W, 1|3|4), got {images.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataSourceError(f"{path}: {lkey} must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
+        raise DataSourceError(f"{path}: {len(images)} {ikey} but {len(labels)} {lkey}")
+    if len(labels) and labels.min() < 0:
+        raise DataSourceError(f"{path}: {lkey} must be >= 0, found {labels.min()}")
+
+
+def _read_npz(path: Path) -> Found:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            if not {"images", "labels"} <= keys:
+                raise DataSourceError(f"{path}: needs arrays 'images' and 'labels'; has {', '.join(sorted(keys)) or 'none'}")
+            names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
+            labels = z["labels"]
+            ev_key = next((k for k in ("val", "test") if f"{k}_images" in keys and f"{k}_labels" in keys), None)
+            ev_labels = z[f"{ev_key}_labels"] if ev_key else None
+    except DataSourceError:
+        raise
+    except (OSError, ValueError) as e:
+        raise DataSourceError(f"{path}: cannot read as .npz ({e})") from None
+    _check_arrays(path, _npz_array(str(path), "images"), labels, "images", "labels")
+    if ev_key:
+        _check_arrays(path, _npz_array(str(path), f"{ev_key}_images"), ev_labels, f"{ev_key}_images", f"{ev_key}_labels")
+    top = int(max([labels.max(initial=-1)] + ([ev_labels.max(initial=-1)] if ev_key else [])))
+    if names is None:
+        names = [str(i) for i in range(top + 1)]
+    elif top >= len(names):
+        raise DataSourceError(f"{path}: label {top} but only {len(names)} class_names")
+    if len(labels) == 0:
+        raise DataSourceError(f"{path}: no training examples")
+    train = [(f"{path}#{i}", names[int(c)]) for i, c in enumerate(labels)]
+    ev = [(f"{path}#{ev_key}_images:{i}", names[int(c)]) for i, c in enumerate(ev_labels)] if ev_key else None
+    return Found(train, ev, ev_key or "split", names)
+
+
+_ROW = re.compile(r"^(?P<path>.+\.npz)#(?:(?P<key>\w+):)?(?P<row>\d+)$", re.IGNORECASE)
+
+
+def is_npz_row(source: str) -> bool:
+    """True when a source names a row of an .npz array rather than an image file."""
+    return bool(_ROW.match(source))
+
+
+def npz_row(source: str) -> Image.Image:
+    """The RGB image stored at "<npz>#<row>" or "<npz>#<key>:<row>"."""
+    m = _ROW.match(source)
+    if not m:
+        raise ValueError(f"{source}: not an array row")
+    a = _npz_array(m["path"], m["key"] or "images")[int(m["row"])]
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return to_rgb(Image.fromarray(np.ascontiguousarray(a)))  # uint8 (H, W) / (H, W, 3|4): L / RGB / RGBA
+
+
+# ---- entry point ------------------------------------------------------------------------------------------------
+
+def find_examples(source: str | os.PathLike) -> Found:
+    """Read any supported dataset source; raise DataSourceError naming the file when it cannot be used."""
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.exists():
+        raise DataSourceError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".jsonl"):
+        return _read_manifest(path)
+    if suffix == ".npz":
+        return _read_npz(path)
+    raise DataSourceError(f"{path}: not a dataset (expected an image folder, a .csv or .jsonl manifest, or an .npz)")
