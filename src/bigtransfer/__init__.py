@@ -2,6 +2,7 @@
 
 from .checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from .factory import create_model
+from .fast import prepare_for_inference
 from .models import ResNetV2, StdConv2d, count_parameters, parse_arch
 from .registry import list_models
 
@@ -15,6 +16,7 @@ __all__ = [
     "create_model",
     "list_models",
     "parse_arch",
+    "prepare_for_inference",
     "read_checkpoint",
     "save_checkpoint",
 ]

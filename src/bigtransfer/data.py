@@ -128,7 +128,7 @@ def _by_class(items: list[Item]) -> dict[int, list[Item]]:
     return groups
 
 
-def _stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+def stratified_split(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     """Hold out round(fraction * n) of each class (at least 1 when the class has 2 or more, never all)."""
     rng = random.Random(f"split:{seed}")
     train: list[Item] = []
@@ -180,7 +180,7 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
                              f"(strict mode refuses to train):\n{listed}")
     why = ""
     if found.eval is None:
-        train, held = _stratified_split(train, val_fraction, seed if split_seed is None else split_seed)
+        train, held = stratified_split(train, val_fraction, seed if split_seed is None else split_seed)
         why = f" after holding out {val_fraction:.0%} per class for evaluation"
     if examples_per_class is not None:
         train = _few_shot(train, examples_per_class, seed, found.classes, why)

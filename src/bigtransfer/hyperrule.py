@@ -123,7 +123,7 @@ def schedule(n_examples: int, variant: Variant = "release", batch: int = REFEREN
     return [*_fit(tuple(p * scale for p in base[:-1]), end, first_min), end]
 
 
-def _lr(step: int, warmup: int, boundaries: tuple[int, ...], end: int, peak: float) -> float | None:
+def piecewise_lr(step: int, warmup: int, boundaries: tuple[int, ...], end: int, peak: float) -> float | None:
     """The rule's lr at `step` for given phase points; None once training is over."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -138,7 +138,7 @@ def lr_at(step: int, n_examples: int, base_lr: float = BASE_LR, variant: Variant
           batch: int = REFERENCE_BATCH, steps: int | None = None) -> float | None:
     """Learning rate of update `step` (0-based), or None once the schedule has ended."""
     warmup, d1, d2, d3, end = schedule(n_examples, variant, batch, steps)
-    return _lr(step, warmup, (d1, d2, d3), end, base_lr * batch / REFERENCE_BATCH)
+    return piecewise_lr(step, warmup, (d1, d2, d3), end, base_lr * batch / REFERENCE_BATCH)
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class Plan:
 
     def lr(self, step: int) -> float | None:
         """Learning rate of update `step` (0-based), or None once training is over."""
-        return _lr(step, self.warmup, self.boundaries, self.end, self.peak_lr)
+        return piecewise_lr(step, self.warmup, self.boundaries, self.end, self.peak_lr)
 
     def phases(self) -> list[tuple[str, int, int, str]]:
         """(name, first step, last step, lr description) for every non-empty phase, in order."""

@@ -106,7 +106,7 @@ def _read_folder(root: Path) -> Found:
 _EVAL_SPLITS = {"val": "val", "validation": "val", "valid": "val", "test": "test"}
 
 
-def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+def manifest_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every data row of a CSV or JSONL manifest."""
     rows: list[tuple[int, dict]] = []
     try:
@@ -138,7 +138,7 @@ def _read_manifest(path: Path) -> Found:
     base = path.parent
     train: list[tuple[str, str]] = []
     evals: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
-    for num, row in _manifest_rows(path):
+    for num, row in manifest_rows(path):
         src, label = row.get("path"), row.get("label")
         if src is None or str(src).strip() == "" or label is None or str(label).strip() == "":
             raise DataSourceError(f"{path}, line {num}: needs a non-empty 'path' and 'label'")

@@ -7,7 +7,8 @@ import importlib
 import sys
 
 # Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
-VERBS = ["models", "convert"]
+VERBS = ["models", "convert", "hyperrule", "finetune", "demo", "predict", "embed", "export", "evaluate", "pretrain",
+         "corpus"]
 
 # Errors that come from the user's input: printed as one clear line instead of a traceback.
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,

@@ -1,0 +1,363 @@
+"""Model speed: inference and training-step images/s and peak memory, ours against HF transformers' BiT.
+
+Every peer holds exactly our model's weights (copied through bigtransfer.checkpoints' key maps) and sees the
+same input tensor. Candidates run interleaved in one process (round r times every candidate once), so machine
+noise from other processes hits all of them alike; each figure is the median over rounds. Peak training memory
+is measured in a fresh subprocess per candidate (Linux VmHWM, reset after the model is built, so it counts
+activations, gradients, optimizer state and workspace, not the weights or the imports). The machine's limit is
+measured here too: GFLOP/s of a large fp32 and bf16 matmul.
+
+Run: `make bench` (the default subset, a few minutes), `--quick` (about a minute), `--full` (every combination of
+R50x1/R101x1, 128/224 px, batch 1/8, fp32/bf16), `--profile` (torch.profiler op tables for the headline configs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bigtransfer.fast import PRECISIONS, prepare_for_inference
+from bigtransfer.models import ResNetV2
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import PEER_WS_EPS, hf_bit, hf_logits, timm_available, timm_bit  # noqa: E402
+
+Step = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmarked setting."""
+
+    mode: str  # "infer" or "train"
+    arch: str
+    size: int
+    batch: int
+    precision: str  # "fp32" or "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode} {self.arch} {self.size}px b{self.batch} {self.precision}"
+
+
+DEFAULT = [
+    Config("infer", "R50x1", 224, 8, "fp32"),
+    Config("infer", "R50x1", 224, 8, "bf16"),
+    Config("infer", "R50x1", 128, 1, "fp32"),
+    Config("infer", "R101x1", 224, 8, "fp32"),
+    Config("train", "R50x1", 128, 8, "fp32"),
+]
+QUICK = [Config("infer", "R50x1", 224, 8, "fp32"), Config("train", "R50x1", 128, 8, "fp32")]
+HEADLINE = [Config("infer", "R50x1", 224, 8, "fp32"), Config("train", "R50x1", 128, 8, "fp32")]
+
+
+def full_matrix() -> list[Config]:
+    """Every combination the issue lists."""
+    return [Config(mode, arch, size, batch, prec) for mode in ("infer", "train") for arch in ("R50x1", "R101x1")
+            for size in (128, 224) for batch in (1, 8) for prec in ("fp32", "bf16")]
+
+
+def parse_config(text: str) -> Config:
+    """'infer:R50x1:224:8:fp32' -> Config."""
+    try:
+        mode, arch, size, batch, precision = text.split(":")
+        cfg = Config(mode, arch, int(size), int(batch), precision)
+    except ValueError as e:
+        raise SystemExit(f"bad config {text!r}: expected MODE:ARCH:SIZE:BATCH:PRECISION ({e})") from e
+    if mode not in ("infer", "train") or precision not in ("fp32", "bf16"):
+        raise SystemExit(f"bad config {text!r}: mode is infer or train, precision fp32 or bf16")
+    return cfg
+
+
+# ---------------------------------------------------------------- the machine
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` (the machine's practical matrix-unit limit)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def cpu_description() -> str:
+    """CPU model, core count and the instruction-set flags that decide bf16 speed."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        model = re.search(r"model name\s*:\s*(.*)", text).group(1)
+        flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split())
+    except (OSError, AttributeError):
+        pass
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"]
+    have = " ".join(f"{f}:{'yes' if f in flags else 'no'}" for f in wanted)
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; {have}"
+
+
+def flops_per_image(arch: str, size: int) -> float:
+    """Forward FLOPs for one image (convolutions and head), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = ResNetV2(arch, 1000)
+        x = torch.zeros(1, 3, size, size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------- candidates
+
+def our_model(arch: str, seed: int = 0) -> ResNetV2:
+    """Our model with non-trivial random weights (the same for the same seed), 1000 classes."""
+    torch.manual_seed(seed)
+    return ResNetV2(arch, 1000, ws_eps=PEER_WS_EPS, zero_head=False).eval()
+
+
+def make_models(arch: str, seed: int = 0) -> tuple[ResNetV2, torch.nn.Module]:
+    """Our model and HF's BiT holding the same weights."""
+    ours = our_model(arch, seed)
+    return ours, hf_bit(ours)
+
+
+def _autocast(precision: str) -> Callable[[], object]:
+    return (lambda: torch.autocast("cpu", dtype=PRECISIONS[precision])) if precision != "fp32" else nullcontext
+
+
+def inference_candidates(cfg: Config, ours: ResNetV2, hf: torch.nn.Module, x: torch.Tensor,
+                         compile: bool) -> dict[str, Step]:
+    """name -> a callable running one forward pass of `x`."""
+    ctx = _autocast(cfg.precision)
+    hf_fn = hf_logits(hf)
+
+    def eager(fn):
+        def step():
+            with torch.no_grad(), ctx():
+                return fn(x)
+        return step
+
+    cands = {"hf": eager(hf_fn), "ours": eager(ours)}
+    if timm_available():
+        cands["timm"] = eager(timm_bit(ours))
+    fast = prepare_for_inference(ours, cfg.precision)
+    cands["ours-fast"] = lambda: fast(x)
+    if compile:
+        fast_c = prepare_for_inference(ours, cfg.precision, compile=True)
+        cands["ours-fast-compile"] = lambda: fast_c(x)
+    return cands
+
+
+def train_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+               y: torch.Tensor, precision: str, channels_last: bool = False) -> Step:
+    """A callable doing one SGD-momentum step (forward, cross-entropy, backward, update) on (x, y)."""
+    model.train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    ctx = _autocast(precision)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            loss = F.cross_entropy(forward(x).float(), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def training_models(arch: str, which: list[str]) -> dict[str, tuple[torch.nn.Module, Callable]]:
+    """name -> (model, forward) for the training candidates, all with the same starting weights."""
+    out: dict[str, tuple[torch.nn.Module, Callable]] = {}
+    for name in which:
+        ours = our_model(arch)
+        if name == "hf":
+            hf = hf_bit(ours)
+            out[name] = (hf, hf_logits(hf))
+        elif name == "timm":
+            t = timm_bit(ours)
+            out[name] = (t, t)
+        else:
+            if name == "ours-ckpt":
+                ours.set_grad_checkpointing(True)
+            out[name] = (ours, ours)
+    return out
+
+
+TRAIN_CANDIDATES = ["hf", "ours", "ours-cl", "ours-ckpt"]
+
+
+def train_candidates(cfg: Config, x: torch.Tensor, y: torch.Tensor) -> dict[str, Step]:
+    """name -> a callable doing one training step."""
+    names = TRAIN_CANDIDATES + (["timm"] if timm_available() else [])
+    models = training_models(cfg.arch, names)
+    return {name: train_step(m, fwd, x, y, cfg.precision, channels_last=name == "ours-cl")
+            for name, (m, fwd) in models.items()}
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def interleaved_median(cands: dict[str, Step], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed round-robin so load changes hit all alike."""
+    for _ in range(warmup):
+        for fn in cands.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(rounds):
+        for name, fn in cands.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def child_peak_memory(cfg: Config, name: str, steps: int = 3) -> dict[str, float]:
+    """(In a fresh process) peak resident memory of training steps above the built model, in MiB."""
+    import transformers  # noqa: F401  # every child imports the same modules, so absolute peaks compare too
+
+    torch.manual_seed(0)
+    x = torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1
+    y = torch.randint(0, 1000, (cfg.batch,))
+    ((model, fwd),) = training_models(cfg.arch, [name]).values()
+    step = train_step(model, fwd, x, y, cfg.precision, channels_last=name == "ours-cl")
+    import gc
+
+    gc.collect()
+    base = _proc_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    for _ in range(steps):
+        step()
+    return {"peak_mib": _proc_kib("VmHWM") / 1024, "above_model_mib": (_proc_kib("VmHWM") - base) / 1024}
+
+
+def peak_memory(cfg: Config, name: str) -> dict[str, float]:
+    """Run child_peak_memory in a fresh interpreter, so one candidate's allocations don't hide another's."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", json.dumps([asdict(cfg), name])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def profile_table(step: Step, rows: int = 12) -> str:
+    """torch.profiler's self-CPU-time table for one call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+# ---------------------------------------------------------------- the run
+
+def run_config(cfg: Config, rounds: int, limits: dict[str, float], compile: bool, memory: bool,
+               profile: bool) -> list[dict]:
+    """Time (and for training, measure memory of) every candidate on one config; print a table."""
+    torch.manual_seed(0)
+    x = torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1
+    if cfg.mode == "infer":
+        ours, hf = make_models(cfg.arch)
+        with torch.no_grad():
+            ref = hf_logits(hf)(x)
+            agree = (ours(x) - ref).abs().max().item() / ref.abs().max().item()
+        print(f"  same weights: max |ours - hf| / max |hf| = {agree:.1e}")
+        cands = inference_candidates(cfg, ours, hf, x, compile)
+        gflop = flops_per_image(cfg.arch, cfg.size) / 1e9
+    else:
+        y = torch.randint(0, 1000, (cfg.batch,))
+        cands = train_candidates(cfg, x, y)
+        gflop = 3 * flops_per_image(cfg.arch, cfg.size) / 1e9  # backward costs about twice the forward
+    secs = interleaved_median(cands, rounds)
+    limit = limits[cfg.precision]
+    rows = []
+    print(f"\n### {cfg.label}  ({gflop:.2f} GFLOP/image, {rounds} rounds, median)\n")
+    head = "| candidate | ms/batch | images/s | vs hf | GFLOP/s | of matmul limit |"
+    if cfg.mode == "train" and memory:
+        head += " peak MiB | MiB above model |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, s in secs.items():
+        ips = cfg.batch / s
+        row = {"config": asdict(cfg), "candidate": name, "ms": s * 1e3, "images_per_s": ips,
+               "vs_hf": secs["hf"] / s, "gflops": ips * gflop, "of_limit": ips * gflop / limit}
+        line = (f"| {name} | {s * 1e3:.0f} | {ips:.2f} | {row['vs_hf']:.2f}x | {row['gflops']:.0f} "
+                f"| {row['of_limit']:.0%} |")
+        if cfg.mode == "train" and memory:
+            mem = peak_memory(cfg, name)
+            row.update(mem)
+            line += f" {mem['peak_mib']:.0f} | {mem['above_model_mib']:.0f} |"
+        print(line, flush=True)
+        rows.append(row)
+    if profile:
+        for name in ("hf", "ours-fast" if cfg.mode == "infer" else "ours"):
+            print(f"\nprofile of {name}, {cfg.label}:\n```\n{profile_table(cands[name])}\n```")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, measure the machine, run the configs, print tables (and optionally write JSON)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="R50x1 fp32 inference and training only, 3 rounds")
+    g.add_argument("--full", action="store_true", help="every arch/size/batch/precision combination")
+    p.add_argument("--configs", help="comma-separated MODE:ARCH:SIZE:BATCH:PRECISION, e.g. infer:R26x0.5:64:2:fp32")
+    p.add_argument("--rounds", type=int, help="timed rounds per config (default 5, quick 3)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="also time prepare_for_inference(compile=True)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="print op tables for hf and ours on each config")
+    p.add_argument("--json", help="also write every row to this JSON file")
+    p.add_argument("--child-memory", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child_memory:
+        cfg, name = json.loads(args.child_memory)
+        print(json.dumps(child_peak_memory(Config(**cfg), name)))
+        return 0
+
+    if args.configs:
+        configs = [parse_config(c) for c in args.configs.split(",")]
+    else:
+        configs = QUICK if args.quick else full_matrix() if args.full else DEFAULT
+    rounds = args.rounds or (3 if args.quick else 5)
+    limits = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"machine: {cpu_description()}")
+    print(f"torch {torch.__version__}, mkldnn {torch.backends.mkldnn.is_available()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"matmul limit (2048^3): fp32 {limits['fp32']:.0f} GFLOP/s, bf16 {limits['bf16']:.0f} GFLOP/s")
+    rows = []
+    for cfg in configs:
+        rows += run_config(cfg, rounds, limits, args.compile, not args.no_memory, args.profile)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        from bigtransfer.atomic import write_text
+
+        write_text(args.json, json.dumps({"limits": limits, "machine": cpu_description(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

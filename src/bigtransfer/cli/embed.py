@@ -1,0 +1,61 @@
+"""`bigtransfer embed DIR --out features.npy`: pre-logits of every image in a folder, plus the file list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .predict import add_model_options, resolution_of
+
+HELP = "Compute pre-logit features (N x 2048*width) for every image under a folder; writes .npy + file list."
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    """Add this verb's options."""
+    p.add_argument("inputs", nargs="+", metavar="DIR", help="folders (searched recursively) and/or image files")
+    add_model_options(p)
+    p.add_argument("--out", type=Path, required=True, help="features file to write (.npy); the file list goes to "
+                                                            "<out stem>.files.txt beside it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def files_list_path(out: Path) -> Path:
+    """Where the row-order file list of a features file goes: features.npy -> features.files.txt."""
+    return out.with_name(out.stem + ".files.txt")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Embed the images and write both files atomically."""
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from ..atomic import atomic_path, write_text
+    from ..inference import embed_files, expand_inputs, load_model
+
+    if args.out.suffix.lower() != ".npy":
+        raise ValueError(f"{args.out}: --out must end in .npy")
+    size = resolution_of(args)
+    files, problems = expand_inputs(args.inputs)
+    for s in problems:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    if not files:
+        print("no images to embed", file=sys.stderr)
+        return 1
+    model = load_model(args.model, args.weights)
+
+    def on_skip(s) -> None:
+        tqdm.write(f"skipped {s.path}: {s.reason}", file=sys.stderr)  # above the progress bar, not through it
+
+    emb = embed_files(model, files, size, batch_size=args.batch, workers=args.workers, precision=args.precision,
+                      device=args.device, progress=not args.no_progress, on_skip=on_skip)
+    if not emb.files:
+        print(f"none of the {len(files)} files could be decoded; nothing written", file=sys.stderr)
+        return 1
+    listing = files_list_path(args.out)
+    with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
+        np.save(f, emb.features)
+    write_text(listing, "".join(f + "\n" for f in emb.files))
+    print(f"wrote {args.out} ({emb.features.shape[0]} x {emb.features.shape[1]} float32, {size}x{size} px) "
+          f"and {listing}; {len(emb.skipped) + len(problems)} skipped")
+    return 0

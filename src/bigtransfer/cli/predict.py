@@ -1,0 +1,79 @@
+"""`bigtransfer predict IMAGE...`: top-k labels with softmax scores; undecodable files are named and skipped."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "Classify images (files or folders) with a model: top-k labels with softmax scores."
+
+
+def add_model_options(p: argparse.ArgumentParser,
+                      resolution_default: str = "480 for *-ILSVRC2012, 128 for *-CIFAR10, else 224") -> None:
+    """--model/--weights/--resolution/--precision/--batch/--workers/--device, shared by the inference verbs."""
+    p.add_argument("--model", help="model name (see 'bigtransfer models'); optional when --weights is given")
+    p.add_argument("--weights", help="checkpoint file (.safetensors, .npz, .pt/.pth/.bin)")
+    p.add_argument("--resolution", type=int, metavar="R",
+                   help=f"squash-resize images to R x R (default: {resolution_default})")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="inference precision (default fp32)")
+    p.add_argument("--batch", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
+    p.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: one per core, at most 8)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+
+
+def resolution_of(args: argparse.Namespace) -> int:
+    """The --resolution, or the default for the --model name; checked to be positive."""
+    from ..inference import default_resolution
+
+    size = args.resolution if args.resolution is not None else default_resolution(args.model)
+    if size < 1:
+        raise ValueError(f"--resolution must be positive, got {size}")
+    return size
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    """Add this verb's options."""
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    add_model_options(p)
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict every image; exit 0 if at least one was classified."""
+    from tqdm.auto import tqdm
+
+    from ..inference import expand_inputs, label_names, load_model, predict_files
+
+    size = resolution_of(args)
+    files, problems = expand_inputs(args.images)
+    for s in problems:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    if not files:
+        print("no images to classify", file=sys.stderr)
+        return 1
+    model = load_model(args.model, args.weights)
+    labels, why = label_names(model, args.model)
+    if why:
+        print(f"note: {why}", file=sys.stderr)
+
+    def on_skip(s) -> None:
+        tqdm.write(f"skipped {s.path}: {s.reason}", file=sys.stderr)  # above the progress bar, not through it
+
+    preds, skipped = predict_files(model, files, size, top_k=args.top_k, labels=labels, batch_size=args.batch,
+                                   workers=args.workers, precision=args.precision, device=args.device,
+                                   progress=len(files) > args.batch and sys.stderr.isatty(), on_skip=on_skip)
+    if args.json:
+        doc = [{"file": p.path, "top": [{"index": i, "label": name, "score": score} for i, name, score in p.top]}
+               for p in preds]
+        print(json.dumps(doc, indent=1))
+    else:
+        for p in preds:
+            print(p.path)
+            for i, name, score in p.top:
+                print(f"  {score:8.4f}  {name if name is not None else '-'}  (class {i})")
+    n_bad = len(skipped) + len(problems)
+    if n_bad:
+        print(f"{len(preds)} image{'s' * (len(preds) != 1)} classified, {n_bad} skipped", file=sys.stderr)
+    return 0 if preds else 1

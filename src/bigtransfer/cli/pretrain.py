@@ -1,0 +1,79 @@
+"""`bigtransfer pretrain`: upstream pre-training with the BiT recipe, on one process or many (torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+HELP = ("Pre-train a BiT model from scratch (BiT-S/M/L recipe); scale out with "
+        "'torchrun --nproc_per_node N -m bigtransfer pretrain ...'.")
+
+
+def register(p: argparse.ArgumentParser) -> None:
+    """Add this verb's options."""
+    from ..pretrain import LOSSES, PRECISIONS, PRESETS
+
+    p.add_argument("--data", required=True,
+                   help="multi-label JSONL manifest ({\"path\":..., \"labels\": [...]}), image folder, CSV/JSONL "
+                        "manifest or .npz")
+    p.add_argument("--model", required=True, help="model name or architecture, e.g. R50x1 or BiT-M-R50x1 (random init)")
+    p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, summary.json, plots, "
+                                                "state.pt (resumed when present), checkpoint.safetensors")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="bit-m",
+                   help="upstream recipe: decay epochs, default length, batch 4096, 224 px (default bit-m)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="passes over the training set (default: the preset's 90 or 40)")
+    length.add_argument("--steps", type=int, help="number of updates instead of --epochs")
+    p.add_argument("--batch", type=int, help="global batch over all processes (default 4096; lr = 0.03 x batch/256)")
+    p.add_argument("--batch-split", type=int, default=1, metavar="Q",
+                   help="micro-batches per update on each process (gradient accumulation; exact with GroupNorm)")
+    p.add_argument("--resolution", type=int, help="training and evaluation size in pixels (default 224)")
+    p.add_argument("--loss", choices=LOSSES, default="sigmoid", help="sigmoid (multi-label, default) or softmax CE")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup updates (default: 5000 scaled by run length)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.03 x batch / 256)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (default 1e-4, on all weights)")
+    p.add_argument("--no-decay-norm-bias", action="store_true", help="exempt GroupNorm and bias parameters from decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentation (default 0)")
+    p.add_argument("--holdout", type=float, default=0.05,
+                   help="fraction held out for evaluation when the data has no val/test split (default 0.05)")
+    p.add_argument("--eval-every", type=int, metavar="N", help="evaluate every N updates (default: 10 times a run)")
+    p.add_argument("--max-eval", type=int, metavar="N", help="evaluate on at most N held-out images")
+    p.add_argument("--save-every", type=int, metavar="N", help="save the resumable state every N updates")
+    p.add_argument("--log-every", type=int, default=10, metavar="N", help="log the training loss every N updates")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="end this job after update N with the state saved (for time-limited job slots); rerun to go on")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and momentum (FSDP FULL_SHARD)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each unit's activations in backward (less memory, ~1/3 more compute)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default) or bf16 autocast")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes per training process (default 2)")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: GPUs when present")
+    p.add_argument("--check-images", action="store_true", help="decode every image once before training")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or resume) pre-training."""
+    from ..pretrain import PretrainConfig, run_pretrain
+
+    config = PretrainConfig(
+        data=args.data, out=args.out, model=args.model, preset=args.preset, epochs=args.epochs, steps=args.steps,
+        batch=args.batch, batch_split=args.batch_split, resolution=args.resolution, loss=args.loss,
+        warmup_steps=args.warmup_steps, lr=args.lr, weight_decay=args.weight_decay,
+        decay_norm_and_bias=not args.no_decay_norm_bias, seed=args.seed, holdout=args.holdout,
+        eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, fsdp=args.fsdp,
+        grad_checkpointing=args.grad_checkpointing, precision=args.precision, workers=args.workers,
+        device=args.device, check_images=args.check_images, max_eval=args.max_eval,
+        stop_after=args.stop_after)
+    summary = run_pretrain(config, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
+    if summary.get("stopped_at"):
+        print(f"stopped after update {summary['stopped_at']} of {summary['steps']}; run the same command to continue")
+    else:
+        metric = summary.get("eval_precision_at_1")
+        ips = summary.get("images_per_s")
+        print(f"pre-trained {summary['steps']} updates on {summary['world_size']} process(es): final loss "
+              f"{summary['final_loss']:.4f}" + (f", held-out {summary['metric']} {metric:.4f}" if metric is not None else "")
+              + (f", {ips:.1f} images/s" if ips else "") + f"; weights in {summary['checkpoint']}")
+    return 0

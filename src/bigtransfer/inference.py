@@ -1,0 +1,211 @@
+"""Batched prediction and embedding over image files; files that cannot be decoded are named and skipped."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoints import infer_arch, read_checkpoint, read_metadata
+from .data import Skipped, default_workers
+from .device import pick_device
+from .factory import create_model
+from .fast import prepare_for_inference
+from .images import ImageError, is_image_path, open_rgb
+from .models import ResNetV2
+from .registry import resolve
+from .sources import is_npz_row, npz_row
+from .transforms import eval_transform
+from .zoo import DownloadError, read_labels
+
+DEFAULT_BATCH = 32
+DEFAULT_RESOLUTION = 224  # the upstream models' training resolution
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top classes of one image: (class index, label name or None, softmax probability), best first."""
+
+    path: str
+    top: list[tuple[int, str | None, float]]
+
+
+@dataclass
+class Embeddings:
+    """Pre-logits of the images that decoded, in input order, with the files they belong to."""
+
+    features: np.ndarray  # (n, feature_dim) float32
+    files: list[str]
+    indices: list[int]  # position of each row's file in the input list
+    skipped: list[Skipped]
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Skipped]]:
+    """Files named directly plus the image files found (recursively, sorted) in named directories."""
+    files: list[Path] = []
+    problems: list[Skipped] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_path(f))
+            if not found:
+                problems.append(Skipped(str(p), "directory holds no image files"))
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)  # named explicitly: tried whatever its suffix, so a bad file is reported, not ignored
+        else:
+            problems.append(Skipped(str(p), "no such file or directory"))
+    return files, problems
+
+
+def default_resolution(name: str | None) -> int:
+    """Evaluation resolution for a released model name (HyperRule crop of its fine-tuning data), else 224."""
+    if name and name.endswith("-ILSVRC2012"):
+        return 480
+    if name and name.endswith("-CIFAR10"):
+        return 128
+    return DEFAULT_RESOLUTION
+
+
+def load_model(name: str | None, weights: str | os.PathLike | None) -> ResNetV2:
+    """A model from a name (released or bundled weights) and/or a checkpoint file; random weights are refused."""
+    if weights is not None:
+        path = Path(weights)
+        if name is None:
+            meta = read_metadata(path) if path.suffix.lower() == ".safetensors" and path.is_file() else {}
+            name = meta.get("arch") or infer_arch(read_checkpoint(path)[0], str(path)).name
+        return create_model(name, pretrained=path)
+    if name is None:
+        raise ValueError("give --model NAME, --weights PATH, or both")
+    if not resolve(name).has_weights:
+        raise ValueError(f"{name} has no weights of its own; pass --weights PATH (a checkpoint of this architecture)")
+    return create_model(name)
+
+
+def label_names(model: ResNetV2, name: str | None = None) -> tuple[list[str] | None, str | None]:
+    """Class names from the checkpoint's metadata or the released label file; (None, why) when there are none."""
+    if model.labels is not None and len(model.labels) == model.num_classes:
+        return list(model.labels), None
+    info = None
+    if name is not None:
+        try:
+            info = resolve(name)
+        except ValueError:
+            info = None
+    if info is None or info.labels is None:
+        return None, "the checkpoint names no classes; showing class indices"
+    try:
+        labels = read_labels(info.labels, progress=False)
+    except DownloadError as e:
+        return None, f"label file unavailable ({e}); showing class indices"
+    if len(labels) != model.num_classes:
+        return None, f"the {info.labels} label file has {len(labels)} names for {model.num_classes} classes"
+    return labels, None
+
+
+class _ImageFiles(Dataset):
+    """Decodes one file (or .npz row) per item; a failure comes back as its reason instead of a tensor."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], size: int) -> None:
+        self.files = [str(f) for f in files]
+        self.transform = eval_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        source = self.files[i]
+        try:
+            return i, self.transform(npz_row(source) if is_npz_row(source) else open_rgb(source)), None
+        except ImageError as e:
+            return i, None, e.reason
+        except OSError as e:  # unreadable (permissions, I/O error) rather than undecodable
+            return i, None, f"cannot read ({e.strerror or e})"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    bad = [(i, err) for i, x, err in batch if x is None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, bad
+
+
+def iter_image_batches(files: Sequence[str | os.PathLike], size: int, batch_size: int = DEFAULT_BATCH,
+                       workers: int | None = None, on_skip: Callable[[Skipped], None] | None = None,
+                       progress: bool = False, desc: str = "images", pin_memory: bool = False,
+                       ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices, images) batches of the decodable files, decoded in parallel worker processes, in input order."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    # Worker processes decode in parallel; a single file is not worth starting one.
+    workers = (0 if len(files) <= 1 else min(default_workers(), len(files))) if workers is None else workers
+    loader = DataLoader(_ImageFiles(files, size), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate, pin_memory=pin_memory)
+    with tqdm(total=len(files), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for indices, images, bad in loader:
+            for i, reason in bad:
+                if on_skip is not None:
+                    on_skip(Skipped(str(files[i]), reason))
+            bar.update(len(indices) + len(bad))
+            if images is not None:
+                yield indices, images
+
+
+def _run(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, features: bool, batch_size: int,
+         workers: int | None, precision: str, device: str, progress: bool,
+         on_skip: Callable[[Skipped], None] | None) -> tuple[list[int], torch.Tensor | None, list[Skipped]]:
+    dev = pick_device(device)
+    fast = prepare_for_inference(model.to(dev), precision=precision)
+    skipped: list[Skipped] = []
+
+    def note(s: Skipped) -> None:
+        skipped.append(s)
+        if on_skip is not None:
+            on_skip(s)
+
+    kept: list[int] = []
+    outputs: list[torch.Tensor] = []
+    for indices, images in iter_image_batches(files, size, batch_size, workers, note, progress,
+                                              desc="embedding" if features else "predicting",
+                                              pin_memory=dev.type == "cuda"):
+        x = images.to(dev, non_blocking=True)
+        out = fast.forward_features(x) if features else fast(x)
+        kept.extend(indices)
+        outputs.append(out.float().cpu())
+    return kept, (torch.cat(outputs) if outputs else None), skipped
+
+
+def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, top_k: int = 5,
+                  labels: Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH, workers: int | None = None,
+                  precision: str = "fp32", device: str = "auto", progress: bool = False,
+                  on_skip: Callable[[Skipped], None] | None = None) -> tuple[list[Prediction], list[Skipped]]:
+    """Top-k classes with softmax scores for every decodable file, and the files that were skipped."""
+    if top_k < 1:
+        raise ValueError(f"top-k must be at least 1, got {top_k}")
+    kept, logits, skipped = _run(model, files, size, False, batch_size, workers, precision, device, progress, on_skip)
+    if logits is None:
+        return [], skipped
+    probs = torch.softmax(logits.double(), dim=1)
+    scores, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    preds = []
+    for row, i in enumerate(kept):
+        top = [(int(c), labels[int(c)] if labels is not None else None, float(s))
+               for c, s in zip(classes[row], scores[row], strict=True)]
+        preds.append(Prediction(str(files[i]), top))
+    return preds, skipped
+
+
+def embed_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, batch_size: int = DEFAULT_BATCH,
+                workers: int | None = None, precision: str = "fp32", device: str = "auto", progress: bool = False,
+                on_skip: Callable[[Skipped], None] | None = None) -> Embeddings:
+    """Pooled pre-logits (N, feature_dim) of every decodable file, in input order."""
+    kept, feats, skipped = _run(model, files, size, True, batch_size, workers, precision, device, progress, on_skip)
+    if feats is None:
+        return Embeddings(np.zeros((0, model.feature_dim), np.float32), [], [], skipped)
+    return Embeddings(feats.numpy().astype(np.float32, copy=False), [str(files[i]) for i in kept], kept, skipped)

@@ -1,0 +1,168 @@
+"""`bigtransfer finetune` and `bigtransfer demo`: a run, one-line errors, a real kill -9 and resume, the demo data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bigtransfer import read_checkpoint
+from bigtransfer.cli import main
+from bigtransfer.demo import DemoModel, DemoSettings, run_demo, write_digits
+from bigtransfer.finetune import FinetuneConfig, run_finetune
+from bigtransfer.metrics import read_jsonl
+from bigtransfer.models import ResNetV2
+
+from .test_finetune import make_image_folder
+
+TINY = ["--model", "R14x0.5", "--batch", "4", "--resolution", "36", "32", "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("colours"))
+
+
+def test_cli_run_says_it_starts_from_scratch_and_where_things_are(folder, tmp_path, capsys):
+    rc = main(["finetune", "--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "2", "--no-flip", *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "starts from scratch" in out and "step 2/2" in out and "top-1" in out
+    assert f"checkpoint: {tmp_path / 'run' / 'checkpoint.safetensors'}" in out and "confusion.png" in out
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
+    assert settings["flip"] is False and settings["crop"] is True and settings["resolution"] == [36, 32]
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def _error(argv, capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("bigtransfer finetune: error: ") and "\n" not in err, err
+    return err
+
+
+def test_wrong_arguments_give_one_clear_line(folder, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    base = ["finetune", "--data", str(folder), "--out", out, "--steps", "1"]
+    cases = [
+        (["--data", str(tmp_path / "nowhere")], "nowhere: no such data folder"),
+        (["--batch", "6", "--batch-split", "4"], "batch 6 is not divisible by batch-split 4"),
+        (["--steps", "0"], "steps must be a positive integer"),
+        (["--resolution", "32", "36"], "1 <= CROP <= PRECROP"),
+        (["--model", "R15x1"], "unknown model 'R15x1'"),
+        (["--weights", str(tmp_path / "missing.safetensors")], "missing.safetensors: no such weights file"),
+        (["--val-fraction", "1.5"], "val-fraction must be between 0 and 1"),
+        (["--examples-per-class", "11"], "fewer than 11"),
+    ]
+    for extra, expected in cases:
+        assert expected in _error([*base, *TINY, *extra], capsys), extra
+    (tmp_path / "file").write_text("x")
+    assert "not a directory" in _error([*base, *TINY, "--out", str(tmp_path / "file")], capsys)
+    # A released model that is not downloaded, offline: says which file and where to put it.
+    err = _error([*base, *TINY, "--model", "BiT-M-R50x1"], capsys)
+    assert "BiT-M-R50x1.npz" in err and "BIGTRANSFER_OFFLINE" in err
+    # Weights of another architecture, and a file that is not a checkpoint.
+    other = tmp_path / "r26.safetensors"
+    from bigtransfer import save_checkpoint
+
+    save_checkpoint(ResNetV2("R26x0.5", 3), other)
+    assert "holds an R26x0.5" in _error([*base, *TINY, "--weights", str(other)], capsys)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"definitely not safetensors")
+    assert "junk.safetensors" in _error([*base, *TINY, "--weights", str(junk)], capsys)
+
+
+def test_rerun_with_other_settings_is_refused_by_name(folder, tmp_path, capsys):
+    run = ["finetune", "--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "1", *TINY]
+    assert main(run) == 0
+    capsys.readouterr()
+    err = _error([*run, "--seed", "3"], capsys)
+    assert "--seed was 0, now 3" in err and "--overwrite" in err
+    assert main([*run, "--seed", "3", "--overwrite"]) == 0
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_weights(folder, tmp_path):
+    """A real process killed with SIGKILL mid-run; the same command finishes it; weights equal an unbroken run."""
+    steps = 5
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bigtransfer", "finetune", "--data", str(folder), "--out", str(out),
+           "--steps", str(steps), "--save-every", "1", "--eval-every", str(steps), *TINY]
+    # Same thread count as this process: CPU kernels may sum in another order with another count.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(r.get("step", 0) >= 2 for r in read_jsonl(out / "metrics.jsonl")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "summary.json").exists()
+    done_before = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert 2 <= max(done_before) < steps
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stdout
+
+    straight = run_finetune(FinetuneConfig(data=str(folder), out=str(tmp_path / "straight"), model="R14x0.5",
+                                           steps=steps, batch=4, resolution=(36, 32), workers=0, silent=True,
+                                           eval_every=steps))
+    a = read_checkpoint(Path(straight["checkpoint"]))[0]
+    b = read_checkpoint(out / "checkpoint.safetensors")[0]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, steps + 1)) + [steps]
+
+
+def test_demo_digits_folder_and_a_tiny_demo_run(tmp_path, capsys):
+    from sklearn.datasets import load_digits
+
+    root = write_digits(tmp_path / "digits", test_per_class=3)
+    files = sorted(root.rglob("*.png"))
+    assert len(files) == 1797
+    assert len(list((root / "test").rglob("*.png"))) == 30 and sorted(p.name for p in (root / "test").iterdir()) == [
+        str(d) for d in range(10)]
+    digits = load_digits()
+    some = files[100]
+    with Image.open(some) as img:
+        assert img.size == (8, 8) and img.mode == "L"
+        expected = np.rint(digits.images[int(some.stem)] * 255 / 16)
+        np.testing.assert_array_equal(np.asarray(img), expected)
+        assert str(digits.target[int(some.stem)]) == some.parent.name
+    mtime = some.stat().st_mtime_ns
+    write_digits(tmp_path / "digits", test_per_class=3)  # reused, not rewritten
+    assert some.stat().st_mtime_ns == mtime
+
+    settings = DemoSettings(shots=1, steps=2, batch=10, test_per_class=3)
+    results = run_demo(tmp_path, settings, models=(DemoModel("tiny", "R14x0.5", base_lr=1.0),), quiet=True)
+    out = capsys.readouterr().out
+    assert len(results) == 1 and results[0]["examples"] == 10 and results[0]["eval_examples"] == 30
+    assert "1-shot digits" in out and "top-1" in out and "checkpoint:" in out and "160/128" in out
+    assert (tmp_path / "tiny" / "checkpoint.safetensors").is_file()
+
+
+def test_demo_cli_rejects_bad_numbers(capsys):
+    assert main(["demo", "--shots", "0"]) == 2
+    assert "--shots must be a positive integer" in capsys.readouterr().err
+
+
+def test_strict_refuses_before_training_and_names_the_bad_file(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=3)
+    (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else
+    rc = main(["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1", "--strict", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "broken.png" in err and "strict" in err
+    assert not (tmp_path / "run" / "state.pt").exists()
