@@ -146,17 +146,22 @@ def test_demo_digits_folder_and_a_tiny_demo_run(tmp_path, capsys):
     write_digits(tmp_path / "digits", test_per_class=3)  # reused, not rewritten
     assert some.stat().st_mtime_ns == mtime
 
-    settings = DemoSettings(shots=1, steps=2, batch=10, test_per_class=3)
-    results = run_demo(tmp_path, settings, models=(DemoModel("tiny", "R14x0.5", base_lr=1.0),), quiet=True)
+    settings = DemoSettings(shots=(1, 2), seeds=2, steps=2, batch=10, test_per_class=3, processes=1)
+    models = (DemoModel("tiny", "R14x0.5", base_lr=1.0), DemoModel("other", "R14x0.5", base_lr=0.1))
+    results = run_demo(tmp_path, settings, models=models, quiet=True)
     out = capsys.readouterr().out
-    assert len(results) == 1 and results[0]["examples"] == 10 and results[0]["eval_examples"] == 30
-    assert "1-shot digits" in out and "top-1" in out and "checkpoint:" in out and "160/128" in out
-    assert (tmp_path / "tiny" / "checkpoint.safetensors").is_file()
+    assert len(results) == 8 and {r["examples"] for r in results} == {10, 20} and results[0]["eval_examples"] == 30
+    assert "2-shot digits" in out and "difference of medians" in out and "checkpoint:" in out and "160/128" in out
+    assert (tmp_path / "tiny" / "k2" / "seed1" / "checkpoint.safetensors").is_file()
+    table = json.loads((tmp_path / "results.json").read_text())["models"]["tiny"]["2"]
+    tops = [json.loads((tmp_path / "tiny" / "k2" / f"seed{s}" / "summary.json").read_text())["top1"] for s in (0, 1)]
+    assert table["top1"] == tops and table["median"] == pytest.approx(float(np.median(tops)))
+    assert (tmp_path / "accuracy_vs_shots.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_demo_cli_rejects_bad_numbers(capsys):
     assert main(["demo", "--shots", "0"]) == 2
-    assert "--shots must be a positive integer" in capsys.readouterr().err
+    assert "--shots must be positive integers" in capsys.readouterr().err
 
 
 def test_strict_refuses_before_training_and_names_the_bad_file(tmp_path, capsys):

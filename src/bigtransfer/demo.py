@@ -8,6 +8,7 @@ model is one more `DemoModel` entry (same data, same loop), which turns the demo
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -37,26 +38,31 @@ class DemoModel:
         return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in self.title.lower())
 
 
-# From scratch, the HyperRule's lr (0.003 at batch 512, tuned for pre-trained weights) barely moves a random
-# network in 60 steps. Measured on this demo (60 steps of 32, 32 px crops, no flips, seed 0): base lr 0.5 (0.031 at
-# batch 32) reached top-1 0.76, 1.0 only 0.25 (the loss climbs while the lr is at its peak), 2.0 fell to chance.
-DEMO_MODELS: tuple[DemoModel, ...] = (DemoModel("R14x0.5 from scratch", "R14x0.5", base_lr=0.5),)
+# Base lr at batch 512 (the rule's 0.003 barely moves either model in 60 steps of 32). Measured on this demo
+# (10-shot, seed 0, 48/40 px): base lr 0.5 gave scratch R26x0.5 0.73 and BiT-Mini 0.87; 0.1 gave BiT-Mini 0.78.
+# For R14x0.5 from scratch at 30/24 px: 0.5 reached 0.76-0.81, 1.0 only 0.25, 2.0 fell to chance.
+DEMO_LR = 0.5
+DEMO_MODELS: tuple[DemoModel, ...] = (
+    DemoModel("BiT-Mini-R26x0.5 (pre-trained)", "BiT-Mini-R26x0.5", base_lr=DEMO_LR),
+    DemoModel("R26x0.5 from scratch", "R26x0.5", base_lr=DEMO_LR),
+)
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """What the demo runs with (small enough for a CPU)."""
 
-    shots: int = 10
+    shots: tuple[int, ...] = (1, 5, 10)
+    seeds: int = 3
     steps: int = 60
     batch: int = 32
-    # The HyperRule would squash these 8x8 images to 160 and crop 128. With base lr 0.5: 24 px crops scored 0.81
-    # (seed 1: 0.71) and cost less than 32 px (0.76); 16 px scored 0.67 and was no faster on 2 cores.
-    resolution: tuple[int, int] = (30, 24)
+    # The HyperRule would squash these 8x8 images to 160 and crop 128. BiT-Mini was pre-trained at 64 px;
+    # 48/40 keeps most of its advantage (+14 points at 10-shot, seed 0) at a third of 72/64's cost.
+    resolution: tuple[int, int] = (48, 40)
     flip: bool = False  # a mirrored digit is not the same digit
-    seed: int = 0
     workers: int = 0  # 100 tiny PNGs decode faster in-process than worker processes start
     test_per_class: int = TEST_PER_CLASS
+    processes: int | None = None  # fine-tunes run side by side, one thread each; None: one per CPU core
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -93,10 +99,30 @@ def write_digits(root: str | os.PathLike, test_per_class: int = TEST_PER_CLASS) 
     return root
 
 
+def _fine_tune(config: Any) -> dict[str, Any]:
+    """One demo fine-tune in a worker process, on one thread (several run side by side)."""
+    import torch
+
+    from .finetune import run_finetune
+
+    torch.set_num_threads(1)
+    return run_finetune(config)
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    v = sorted(values)
+    return float(np.median(v)), v[0], v[-1]
+
+
 def run_demo(out: str | os.PathLike = "bigtransfer-demo", settings: DemoSettings | None = None,
              models: tuple[DemoModel, ...] = DEMO_MODELS, quiet: bool = False) -> list[dict[str, Any]]:
-    """Write the digits, fine-tune every demo model on them, print and return one summary per model."""
-    from .finetune import FinetuneConfig, run_finetune
+    """Write the digits, fine-tune every model at every K and seed, print the table; return every run's summary."""
+    import concurrent.futures
+    import multiprocessing
+
+    from .atomic import write_text
+    from .finetune import FinetuneConfig
+    from .plots import error_bar_plot
 
     s = settings or DemoSettings()
     out = Path(out).resolve()
@@ -105,27 +131,49 @@ def run_demo(out: str | os.PathLike = "bigtransfer-demo", settings: DemoSettings
     n_train, n_test = (sum(1 for _ in (data / split).rglob("*.png")) for split in ("train", "test"))
     print(f"Demo data: scikit-learn's handwritten digits as 8x8 grey PNGs in {data} "
           f"(train/: {n_train} images, test/: {n_test} images, 10 classes).")
-    print(f"Chosen to run in about a minute on 2 CPU cores: {s.shots} training images per class "
-          f"({10 * s.shots} in all), {s.steps} steps of batch {s.batch}, images squashed to "
-          f"{s.resolution[0]}x{s.resolution[0]} with random {s.resolution[1]}x{s.resolution[1]} crops "
-          f"(the HyperRule would use 160/128), {'with' if s.flip else 'no'} horizontal flips"
-          f"{'' if s.flip else ' (a mirrored digit is another shape)'}, seed {s.seed}.")
-    summaries = []
+    print(f"Few-shot transfer: {', '.join(str(k) for k in s.shots)} training images per class, {s.seeds} seeds each; "
+          f"{s.steps} steps of batch {s.batch}, images squashed to {s.resolution[0]}x{s.resolution[0]} with random "
+          f"{s.resolution[1]}x{s.resolution[1]} crops (the HyperRule would use 160/128), "
+          f"{'with' if s.flip else 'no'} horizontal flips{'' if s.flip else ' (a mirrored digit is another shape)'}.")
     for m in models:
-        print(f"\n== {m.title}: model {m.model}, base lr {m.base_lr:g} at batch 512 "
-              f"(= {m.base_lr * s.batch / 512:.4g} at batch {s.batch}) ==")
-        config = FinetuneConfig(data=str(data), out=str(out / m.slug), model=m.model, weights=m.weights,
-                                examples_per_class=s.shots, seed=s.seed, steps=s.steps, batch=s.batch,
-                                resolution=s.resolution, flip=s.flip, workers=s.workers, base_lr=m.base_lr,
-                                eval_every=s.steps, quiet=True, silent=quiet, overwrite=True)
-        summaries.append(run_finetune(config))
-    print(f"\nDemo results ({s.shots}-shot digits, top-1 on the {n_test} test images; chance is 0.10):")
-    for m, r in zip(models, summaries, strict=True):
-        print(f"  {m.title:28s} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  ({r['wall_time_s']:.0f} s)")
-        run_dir = Path(r["checkpoint"]).parent
-        print(f"    run: {run_dir}  (summary.json, metrics.jsonl, config.json)")
-        print(f"    checkpoint: {r['checkpoint']}")
-        print(f"    plots: {', '.join(Path(p).name for p in r['plots'])} in {run_dir}")
+        print(f"  {m.title}: model {m.model}, base lr {m.base_lr:g} at batch 512 "
+              f"(= {m.base_lr * s.batch / 512:.4g} at batch {s.batch})")
+    jobs = [(m, k, seed, FinetuneConfig(
+        data=str(data), out=str(out / m.slug / f"k{k}" / f"seed{seed}"), model=m.model, weights=m.weights,
+        examples_per_class=k, seed=seed, steps=s.steps, batch=s.batch, resolution=s.resolution, flip=s.flip,
+        workers=s.workers, base_lr=m.base_lr, eval_every=s.steps, quiet=True, silent=True, overwrite=True))
+        for k in s.shots for seed in range(s.seeds) for m in models]
+    processes = max(1, min(len(jobs), s.processes or os.cpu_count() or 1))
+    print(f"{len(jobs)} fine-tunes, {processes} at a time ...", flush=True)
+    if processes == 1:
+        summaries = [_fine_tune(c) for _, _, _, c in jobs]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+            summaries = list(pool.map(_fine_tune, [c for _, _, _, c in jobs]))
+
+    table: dict[str, dict[int, list[float]]] = {m.title: {k: [] for k in s.shots} for m in models}
+    for (m, k, _, _), r in zip(jobs, summaries, strict=True):
+        table[m.title][k].append(r["top1"])
+    results = {"shots": list(s.shots), "seeds": s.seeds, "test_images": n_test,
+               "models": {title: {str(k): {"top1": v, "median": _stats(v)[0]} for k, v in row.items()}
+                          for title, row in table.items()}}
+    print(f"\nDemo results (top-1 on the {n_test} test images, median over {s.seeds} seeds [min-max]; chance 0.10):")
+    print(f"  {'model':34s}" + "".join(f"{f'{k}-shot digits':>22s}" for k in s.shots))
+    for title, row in table.items():
+        cells = "".join(f"{'{:.3f} [{:.3f}-{:.3f}]'.format(*_stats(v)):>22s}" for v in row.values())
+        print(f"  {title:34s}{cells}")
+    if len(models) == 2:
+        gains = "".join(f"{_stats(table[models[0].title][k])[0] - _stats(table[models[1].title][k])[0]:>+22.3f}"
+                        for k in s.shots)
+        print(f"  {'difference of medians':34s}{gains}")
+    series = {title: [(k, *_stats(v)) for k, v in row.items()] for title, row in table.items()}
+    plot = error_bar_plot(out / "accuracy_vs_shots.png", series, "10-class digits: top-1 vs examples per class",
+                          "examples per class", "top-1", log_x=True)
+    write_text(out / "results.json", json.dumps(results, indent=1))
+    last = summaries[-1]
+    print(f"\nWrote {out / 'results.json'} and {plot}; each run (config.json, metrics.jsonl, summary.json, "
+          f"plots, checkpoint:) is in {out}/<model>/k<K>/seed<S>/, e.g. {last['checkpoint']}")
     print(f"Demo finished in {time.perf_counter() - t0:.0f} s. Same on your own images: bigtransfer finetune "
           "--data YOUR_FOLDER --model BiT-M-R50x1 --out RUN")
     return summaries

@@ -80,8 +80,12 @@ class StdConv2d(nn.Conv2d):
         # the biased variance, in one fused kernel forward and one backward: measured 3-4x faster than
         # var_mean plus elementwise ops on the training step's weight gradient path.
         w = self.weight
-        flat = F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps)
-        return flat.reshape_as(w)
+        # A channels-last kernel is a contiguous (out, kh, kw, in) array: standardize that view, so neither
+        # direction copies the kernel into another layout (statistics don't depend on the fan-in's order).
+        cl = w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        v = w.permute(0, 2, 3, 1) if cl else w
+        flat = F.batch_norm(v.reshape(1, v.shape[0], -1), None, None, training=True, momentum=0.0, eps=self.eps)
+        return flat.reshape_as(v).permute(0, 3, 1, 2) if cl else flat.reshape_as(v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,

@@ -1,0 +1,56 @@
+"""The bundled BiT-Mini: registered, loads offline, small, and its features transfer to digits."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bigtransfer import create_model, list_models
+from bigtransfer.checkpoints import read_metadata
+from bigtransfer.registry import resolve
+
+NAME = "BiT-Mini-R26x0.5"
+
+
+def test_registered_small_and_loads_without_network():
+    assert NAME in list_models()
+    info = resolve(NAME)
+    assert info.path is not None and info.path.stat().st_size < 25 * 2**20
+    meta = read_metadata(info.path)
+    labels = json.loads(meta["labels"])
+    assert meta["arch"] == "R26x0.5" and len(labels) == int(meta["num_classes"]) > 1000
+    model = create_model(NAME)  # BIGTRANSFER_OFFLINE=1 in tests: nothing may be downloaded
+    assert model.num_classes == len(labels) and model.labels == labels
+    new = create_model(NAME, num_classes=10)
+    assert torch.count_nonzero(new.head.weight) == 0
+    assert torch.equal(new.root.conv.weight, model.root.conv.weight)
+
+
+def _features(model, images):
+    x = torch.from_numpy(images).float().div(16.0).mul(2).sub(1)[:, None].repeat(1, 3, 1, 1)
+    x = torch.nn.functional.interpolate(x, size=(40, 40), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        f = model.eval().forward_features(x)
+    return torch.nn.functional.normalize(f, dim=1)
+
+
+def _nearest_mean_accuracy(train_f, train_y, test_f, test_y):
+    means = torch.stack([train_f[train_y == c].mean(0) for c in range(10)])
+    return float((torch.argmax(test_f @ means.T, 1) == test_y).float().mean())
+
+
+def test_pretrained_features_beat_random_features_on_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(digits.target))
+    train = np.concatenate([order[digits.target[order] == c][:10] for c in range(10)])
+    test = order[~np.isin(order, train)][:300]
+    y_train, y_test = torch.from_numpy(digits.target[train]), torch.from_numpy(digits.target[test])
+    scores = {}
+    torch.manual_seed(0)
+    for name, model in (("mini", create_model(NAME)), ("random", create_model("R26x0.5", pretrained=False))):
+        f_train, f_test = _features(model, digits.images[train]), _features(model, digits.images[test])
+        scores[name] = _nearest_mean_accuracy(f_train, y_train, f_test, y_test)
+    assert scores["mini"] > scores["random"] + 0.05, scores
