@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from contextlib import nullcontext
 
 import pytest
@@ -193,3 +194,19 @@ def test_gradients_match_hf_transformers():
         assert _rel(p.grad, hf_grads[name]) < 1e-4, name
         checked += 1
     assert checked == len(hf_grads)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch by inductor's imports
+def test_compiled_path_matches_and_follows_weight_changes():
+    """compile=True folds weights into the graph as constants: a weight change must still take effect."""
+    model = _model("R14x0.5")
+    x = _images(2, 32)
+    fast = prepare_for_inference(model, compile=True)
+    with torch.no_grad():
+        assert _rel(fast(x), model(x)) < 1e-4
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.mul_(1.5)  # GroupNorm affines and head bias: changes the output
+        expected = model(x)
+    assert _rel(fast(x), expected) < 1e-4
