@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from bigtransfer import gemmconv
 from bigtransfer.fast import PRECISIONS, prepare_for_inference
 from bigtransfer.models import ResNetV2
 
@@ -182,10 +183,24 @@ def inference_candidates(cfg: Config, ours: ResNetV2, hf: torch.nn.Module, x: to
         cands["timm"] = eager(timm_bit(ours))
     fast = prepare_for_inference(ours, cfg.precision)
     cands["ours-fast"] = lambda: fast(x)
+    # Ablation: the same fast path with every convolution left to oneDNN (no GEMM path).
+    cands["ours-fast-nogemm"] = without_gemm(lambda: fast(x))
     if compile:
         fast_c = prepare_for_inference(ours, cfg.precision, compile=True)
         cands["ours-fast-compile"] = lambda: fast_c(x)
     return cands
+
+
+def without_gemm(step: Step) -> Step:
+    """`step` with bigtransfer.gemmconv's GEMM path switched off for its duration."""
+    def run():
+        saved = gemmconv.GEMM_MAX_POSITIONS
+        gemmconv.GEMM_MAX_POSITIONS = {}
+        try:
+            return step()
+        finally:
+            gemmconv.GEMM_MAX_POSITIONS = saved
+    return run
 
 
 def train_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -227,15 +242,24 @@ def training_models(arch: str, which: list[str]) -> dict[str, tuple[torch.nn.Mod
     return out
 
 
-TRAIN_CANDIDATES = ["hf", "ours", "ours-cl", "ours-ckpt"]
+# Our training candidates: "ours" is the model as bigtransfer's fine-tuning and pre-training loops train it
+# (channels-last, GEMM path on); the others take one of those choices away, or add activation checkpointing.
+TRAIN_CANDIDATES = ["hf", "ours", "ours-nchw", "ours-nogemm", "ours-ckpt"]
+NCHW_CANDIDATES = ("hf", "timm", "ours-nchw")
+
+
+def candidate_step(name: str, model: torch.nn.Module, forward: Callable, x: torch.Tensor, y: torch.Tensor,
+                   precision: str) -> Step:
+    """The training step of candidate `name`, in its memory layout and with its GEMM setting."""
+    step = train_step(model, forward, x, y, precision, channels_last=name not in NCHW_CANDIDATES)
+    return without_gemm(step) if name == "ours-nogemm" else step
 
 
 def train_candidates(cfg: Config, x: torch.Tensor, y: torch.Tensor) -> dict[str, Step]:
     """name -> a callable doing one training step."""
     names = TRAIN_CANDIDATES + (["timm"] if timm_available() else [])
     models = training_models(cfg.arch, names)
-    return {name: train_step(m, fwd, x, y, cfg.precision, channels_last=name == "ours-cl")
-            for name, (m, fwd) in models.items()}
+    return {name: candidate_step(name, m, fwd, x, y, cfg.precision) for name, (m, fwd) in models.items()}
 
 
 # ---------------------------------------------------------------- timing and memory
@@ -276,7 +300,7 @@ def child_peak_memory(cfg: Config, name: str, steps: int = 3) -> dict[str, float
     x = torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1
     y = torch.randint(0, 1000, (cfg.batch,))
     ((model, fwd),) = training_models(cfg.arch, [name]).values()
-    step = train_step(model, fwd, x, y, cfg.precision, channels_last=name == "ours-cl")
+    step = candidate_step(name, model, fwd, x, y, cfg.precision)
     import gc
 
     gc.collect()
@@ -298,11 +322,14 @@ def peak_memory(cfg: Config, name: str, runs: int = 2) -> dict[str, float]:
 
 
 def saved_activation_mib(cfg: Config, name: str) -> float:
-    """MiB of distinct non-parameter tensors autograd keeps for backward in one training forward (exact)."""
+    """MiB of distinct non-parameter tensors autograd keeps for backward in one training step (exact)."""
     from torch.autograd.graph import saved_tensors_hooks
 
     ((model, fwd),) = training_models(cfg.arch, [name]).values()
-    model.train()
+    torch.manual_seed(0)
+    x = torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1
+    y = torch.randint(0, 1000, (cfg.batch,))
+    step = candidate_step(name, model, fwd, x, y, cfg.precision)  # in the candidate's layout and GEMM setting
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 
@@ -312,10 +339,8 @@ def saved_activation_mib(cfg: Config, name: str) -> float:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    torch.manual_seed(0)
-    x = torch.rand(cfg.batch, 3, cfg.size, cfg.size) * 2 - 1
-    with saved_tensors_hooks(pack, lambda t: t), _autocast(cfg.precision)():
-        fwd(x)
+    with saved_tensors_hooks(pack, lambda t: t):
+        step()
     return sum(kept.values()) / 2**20
 
 

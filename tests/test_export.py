@@ -95,8 +95,8 @@ def test_weight_op_inspection_flags_an_unfolded_export(model, tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(out), dynamo=False, do_constant_folding=False)
     found = {f.split()[0] for f in onnx_weight_ops(out)}
-    # Whichever way the eager model standardizes (var_mean or a batch-norm call), its statistics show up.
-    assert found & {"ReduceMean", "BatchNormalization", "Sqrt"}
+    # Whichever way the eager model standardizes (var_mean, batch-norm or layer-norm calls), its statistics show up.
+    assert found & {"ReduceMean", "BatchNormalization", "LayerNormalization", "Sqrt"}
 
 
 def test_torchscript_matches_eager_at_two_sizes(model, torchscript_export):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bigtransfer.checkpoints import hf_to_state, load_state
 from bigtransfer.fast import InferenceModel, native_precision, prepare_for_inference
-from bigtransfer.models import WS_EPS_PEERS, ResNetV2
+from bigtransfer.models import WS_EPS_PEERS, PlainConv2d, ResNetV2
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,7 +57,7 @@ def test_standardized_kernels_are_the_spec_formula():
     var = ((w - mean) ** 2).mean(dim=(1, 2, 3), keepdim=True)  # biased, as the spec says
     expected = (w - mean) / torch.sqrt(var + model.ws_eps)
     assert torch.allclose(fast.frozen.stages[1][0].conv2.weight.double(), expected, atol=1e-5)
-    assert type(fast.frozen.stages[1][0].conv2) is torch.nn.Conv2d  # no standardization left at run time
+    assert type(fast.frozen.stages[1][0].conv2) is PlainConv2d  # no standardization left at run time
 
 
 def test_kernels_computed_once_and_recomputed_after_weight_changes():

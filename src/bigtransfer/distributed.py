@@ -158,6 +158,17 @@ def wrap_fsdp(model: nn.Module, units: list[nn.Module], env: DistEnv,
     return model
 
 
+def _contiguous(tree: Any) -> Any:
+    """The same nested dicts and lists with every tensor in the default (NCHW) memory layout."""
+    if isinstance(tree, torch.Tensor):
+        return tree.contiguous()
+    if isinstance(tree, dict):
+        return {k: _contiguous(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_contiguous(v) for v in tree)
+    return tree
+
+
 def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """The unsharded model and optimizer state on rank 0, keyed by parameter name (a collective call)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -165,7 +176,9 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
     # Keyed by names, not by wrapper or shard layout, so a run saved by N processes (DDP or FSDP)
     # loads into M processes.
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, optimizer, options=options)
+    # In the default layout: a channels-last run's momentum buffers, flattened by FSDP's loader in storage order,
+    # would otherwise come out scrambled in a sharded run (measured: 0.34 relative weight error after resuming).
+    return tuple(_contiguous(state) for state in get_state_dict(model, optimizer, options=options))
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
@@ -183,8 +196,8 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     # Two calls, not set_state_dict: that one treats an empty model dict (ranks > 0) as "optimizer only" and
     # then runs different collectives on rank 0 and the others, which deadlocks.
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    set_model_state_dict(model, _contiguous(model_state), options=options)
+    set_optimizer_state_dict(model, optimizer, _contiguous(optim_state), options=options)
 
 
 class StateHolder:

@@ -28,7 +28,7 @@ DEFAULT_RTOL = 1e-4
 CHECK_SIZES = ((224, 224), (160, 96))
 # Ops that compute a standardization; none of them may take a weight (a constant) as input after folding.
 NORMALIZING_OPS = frozenset({"ReduceMean", "Sqrt", "Reciprocal", "Pow", "Div", "Sub", "BatchNormalization",
-                             "ReduceSumSquare", "ReduceSum"})
+                             "LayerNormalization", "ReduceSumSquare", "ReduceSum"})
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from .models import ResNetV2, StdConv2d
+from .models import PlainConv2d, ResNetV2, StdConv2d
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,8 +33,8 @@ def _standardized_state(model: ResNetV2) -> dict[str, torch.Tensor]:
     return state
 
 
-def _plain_conv(m: StdConv2d) -> nn.Conv2d:
-    return nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+def _plain_conv(m: StdConv2d) -> PlainConv2d:
+    return PlainConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
                      bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
 
 
@@ -52,33 +52,6 @@ def frozen_copy(model: ResNetV2) -> ResNetV2:
 # CPU instruction sets that give each reduced precision real matrix units. oneDNN also runs bf16 on plain
 # AVX512 (it reports it "supported"), but emulated, and measured 2-3x slower than fp32 (benchmarks/RESULTS.md).
 _CPU_UNITS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
-
-
-class _ContiguousGroupNorm(nn.GroupNorm):
-    """GroupNorm computed on an NCHW copy of its input, returned channels-last."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
-
-
-def _to_channels_last(frozen: ResNetV2) -> ResNetV2:
-    """The frozen copy in channels-last layout, with the one GroupNorm that layout computes imprecisely kept NCHW.
-
-    PyTorch's channels-last CPU GroupNorm loses precision when a group's mean is large against its spread
-    (measured 9e-6 relative error vs 2e-7 for NCHW). The first unit's gn1 sees such input by construction:
-    the root's max-pool output, all maxima, mean/std ~2.6; every other GroupNorm input comes out of a
-    weight-standardized conv and measured mean/std < 0.15 (random R101x1). Left channels-last, that one
-    error grew to 1.3e-4 at R101x1's logits; with this GroupNorm in NCHW, 2.4e-5 (all-NCHW: 1.8e-5).
-    Costs two copies of one stage-1 feature map.
-    """
-    frozen = frozen.to(memory_format=torch.channels_last)
-    unit = frozen.stages[0][0]
-    gn = unit.gn1
-    precise = _ContiguousGroupNorm(gn.num_groups, gn.num_channels, gn.eps, gn.affine,
-                                   device=gn.weight.device, dtype=gn.weight.dtype)
-    precise.load_state_dict(gn.state_dict())
-    unit.gn1 = precise.requires_grad_(False)
-    return frozen
 
 
 def native_precision(precision: str, device: torch.device) -> bool:
@@ -174,7 +147,7 @@ class InferenceModel(nn.Module):
             if self.dtype is not torch.float32 and not self._autocast:
                 frozen = frozen.to(self.dtype)
             if self.channels_last:
-                frozen = _to_channels_last(frozen)
+                frozen = frozen.to(memory_format=torch.channels_last)
             self.frozen = frozen
         self._compiled = {}
         self._sig = _signature(source)

@@ -59,6 +59,7 @@ class FinetuneConfig:
     flip: bool = True  # random horizontal flips (off for data where mirroring changes the class, e.g. digits)
     crop: bool = True  # random crops; False squashes straight to the crop size (VTAB's no-crop tasks)
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
+    channels_last: bool = True  # train in the channels-last layout on CPU and CUDA (faster; same results to 1e-5)
     device: str = "auto"
     eval_every: int | None = None  # None: about EVALS_PER_RUN evaluations; always one at the end
     save_every: int | None = None  # None: with every evaluation; always at the end
@@ -382,7 +383,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     out.mkdir(parents=True, exist_ok=True)
 
     from .data import ImageDataset, eval_transform, image_size_of, load_splits, make_loader, train_transform
-    from .device import describe, grad_scaler, pick_device
+    from .device import describe, grad_scaler, pick_device, training_layout
     from .hyperrule import make_plan
     from .runstate import load_run_state, save_run_state
 
@@ -401,7 +402,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
             f"; training images are squashed straight to {plan.crop}x{plan.crop}"))
     device = pick_device(c.device)
     model, origin = _build_model(c, splits.classes, say)
-    model.to(device).train()
+    model.to(device, memory_format=training_layout(device, c.channels_last)).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, weight_decay=0.0)
     scaler = grad_scaler(device, c.precision)
     fingerprint = _fingerprint(splits)

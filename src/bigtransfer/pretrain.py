@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as dist_utils
 from .atomic import write_text
-from .device import autocast
+from .device import autocast, training_layout
 from .hyperrule import piecewise_lr
 from .metrics import JsonlLogger, read_jsonl, to_json
 from .models import ResNetV2
@@ -109,6 +109,7 @@ class PretrainConfig:
     log_every: int = 10
     fsdp: bool = False
     grad_checkpointing: bool = False
+    channels_last: bool = True  # channels-last layout on CPU and CUDA, except under FSDP (which flattens weights)
     precision: str = "fp32"
     workers: int = 2  # DataLoader processes per training process
     device: str = "auto"
@@ -355,7 +356,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
     arch, ws_eps = model.arch, model.ws_eps
     if config.grad_checkpointing:
         checkpoint_activations(model)
-    model.to(env.device)
+    model.to(env.device, memory_format=training_layout(env.device, config.channels_last and not config.fsdp))
     if config.fsdp:
         units = [unit for stage in model.stages for unit in stage]
         net = dist_utils.wrap_fsdp(model, units, env)

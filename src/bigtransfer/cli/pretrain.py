@@ -45,6 +45,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and momentum (FSDP FULL_SHARD)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each unit's activations in backward (less memory, ~1/3 more compute)")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="train in the NCHW layout instead of the (faster) channels-last one")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default) or bf16 autocast")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes per training process (default 2)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: GPUs when present")
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, lr=args.lr, weight_decay=args.weight_decay,
         decay_norm_and_bias=not args.no_decay_norm_bias, seed=args.seed, holdout=args.holdout,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, fsdp=args.fsdp,
-        grad_checkpointing=args.grad_checkpointing, precision=args.precision, workers=args.workers,
+        grad_checkpointing=args.grad_checkpointing, channels_last=args.channels_last, precision=args.precision,
+        workers=args.workers,
         device=args.device, check_images=args.check_images, max_eval=args.max_eval,
         stop_after=args.stop_after)
     summary = run_pretrain(config, progress=not args.quiet)
