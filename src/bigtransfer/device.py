@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -60,6 +61,38 @@ def training_layout(device: torch.device, channels_last: bool) -> torch.memory_f
     # Measured on CPU (benchmarks/RESULTS.md: oneDNN convolutions 1.2-2.3x faster, and it enables the GEMM
     # path of bigtransfer.gemmconv); it is cuDNN's tensor-core layout. MPS support for it is patchy.
     return torch.channels_last if channels_last and device.type in ("cpu", "cuda") else torch.contiguous_format
+
+
+def sgd(params: Any, device: torch.device, fused: bool = True, **kwargs: Any) -> torch.optim.SGD:
+    """Momentum SGD over `params`, with PyTorch's fused update on CPU and CUDA (same values, fewer memory passes)."""
+    # Measured on R50x1 on CPU: 30 ms per update fused against 37 ms for the default multi-tensor update, with
+    # bit-identical weights after five updates. FSDP's sharded (DTensor) parameters have no fused kernel.
+    return torch.optim.SGD(params, fused=(fused and device.type in ("cpu", "cuda")) or None, **kwargs)
+
+
+def with_own_update_kernel(saved: dict, optimizer: Any) -> dict:
+    """A saved optimizer state carrying `optimizer`'s own fused/foreach choice instead of the saving run's.
+
+    Which update kernel runs depends on the device and on sharding (FSDP has no fused one), not on the run, and
+    Optimizer.load_state_dict would otherwise copy the saving process's choice over this one's.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups or not saved.get("param_groups"):
+        return saved
+    mine = [{k: v for k, v in g.items() if k in ("fused", "foreach")} for g in groups]
+    return {**saved, "param_groups": [{**g, **m} for g, m in zip(saved["param_groups"], mine, strict=True)]}
+
+
+def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (momentum) its parameter's memory layout, after a load."""
+    # A state saved from (or into) another layout comes back contiguous; the fused update walks parameter,
+    # gradient and momentum storage in lockstep, so a channels-last parameter with an NCHW momentum buffer would
+    # be updated with scrambled momentum (measured: 1.3e-3 relative weight error after one resumed update).
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, t in optimizer.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor) and t.shape == p.shape and t.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
 
 
 def describe(device: torch.device) -> str:

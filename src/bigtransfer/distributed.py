@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .device import align_optimizer_state, with_own_update_kernel
+
 # The variables torchrun sets for every process it starts.
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -197,7 +199,9 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
     # Two calls, not set_state_dict: that one treats an empty model dict (ranks > 0) as "optimizer only" and
     # then runs different collectives on rank 0 and the others, which deadlocks.
     set_model_state_dict(model, _contiguous(model_state), options=options)
-    set_optimizer_state_dict(model, optimizer, _contiguous(optim_state), options=options)
+    optim_state = with_own_update_kernel(_contiguous(optim_state), optimizer)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    align_optimizer_state(optimizer)
 
 
 class StateHolder:

@@ -383,7 +383,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     out.mkdir(parents=True, exist_ok=True)
 
     from .data import ImageDataset, eval_transform, image_size_of, load_splits, make_loader, train_transform
-    from .device import describe, grad_scaler, pick_device, training_layout
+    from .device import describe, grad_scaler, pick_device, sgd, training_layout
     from .hyperrule import make_plan
     from .runstate import load_run_state, save_run_state
 
@@ -403,7 +403,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     device = pick_device(c.device)
     model, origin = _build_model(c, splits.classes, say)
     model.to(device, memory_format=training_layout(device, c.channels_last)).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=MOMENTUM, weight_decay=0.0)
+    optimizer = sgd(model.parameters(), device, lr=0.0, momentum=MOMENTUM, weight_decay=0.0)
     scaler = grad_scaler(device, c.precision)
     fingerprint = _fingerprint(splits)
     eval_every = c.eval_every or max(1, plan.end // EVALS_PER_RUN)

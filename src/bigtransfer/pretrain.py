@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as dist_utils
 from .atomic import write_text
-from .device import autocast, training_layout
+from .device import autocast, sgd, training_layout
 from .hyperrule import piecewise_lr
 from .metrics import JsonlLogger, read_jsonl, to_json
 from .models import ResNetV2
@@ -362,8 +362,8 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
         net = dist_utils.wrap_fsdp(model, units, env)
     else:
         net = dist_utils.wrap_ddp(model, env)
-    optimizer = torch.optim.SGD(param_groups(net, config.weight_decay, config.decay_norm_and_bias), lr=plan.peak_lr,
-                                momentum=config.momentum)
+    optimizer = sgd(param_groups(net, config.weight_decay, config.decay_norm_and_bias), env.device,
+                    fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
 
     state_path = out / STATE_FILE
     start = 0

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .device import align_optimizer_state, with_own_update_kernel
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,7 +62,9 @@ def load_run_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer
         raise RuntimeError(f"{p}: cannot read the saved run state ({type(e).__name__}: {e}); "
                            "delete it to start the run afresh") from None
     model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    optimizer.load_state_dict(with_own_update_kernel(payload["optimizer"], optimizer))
+    if isinstance(optimizer, torch.optim.Optimizer):
+        align_optimizer_state(optimizer)
     if scaler is not None and payload.get("scaler") is not None:
         scaler.load_state_dict(payload["scaler"])
     if restore_rng:
