@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .predict import add_model_options, resolution_of
+from .predict import add_model_options, input_files, report_skip, resolution_of
 
 HELP = "Compute pre-logit features (N x 2048*width) for every image under a folder; writes .npy + file list."
 
@@ -28,27 +28,20 @@ def files_list_path(out: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Embed the images and write both files atomically."""
     import numpy as np
-    from tqdm.auto import tqdm
 
     from ..atomic import atomic_path, write_text
-    from ..inference import embed_files, expand_inputs, load_model
+    from ..inference import embed_files, load_model
 
     if args.out.suffix.lower() != ".npy":
         raise ValueError(f"{args.out}: --out must end in .npy")
     size = resolution_of(args)
-    files, problems = expand_inputs(args.inputs)
-    for s in problems:
-        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    files, problems = input_files(args.inputs, "embed")
     if not files:
-        print("no images to embed", file=sys.stderr)
         return 1
     model = load_model(args.model, args.weights)
 
-    def on_skip(s) -> None:
-        tqdm.write(f"skipped {s.path}: {s.reason}", file=sys.stderr)  # above the progress bar, not through it
-
     emb = embed_files(model, files, size, batch_size=args.batch, workers=args.workers, precision=args.precision,
-                      device=args.device, progress=not args.no_progress, on_skip=on_skip)
+                      device=args.device, progress=not args.no_progress, on_skip=report_skip)
     if not emb.files:
         print(f"none of the {len(files)} files could be decoded; nothing written", file=sys.stderr)
         return 1

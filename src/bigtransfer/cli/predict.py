@@ -32,6 +32,25 @@ def resolution_of(args: argparse.Namespace) -> int:
     return size
 
 
+def input_files(inputs: list[str], what: str) -> tuple[list, list]:
+    """(files, problems) for the image files and folders in `inputs`, each problem printed; says so if none."""
+    from ..inference import expand_inputs
+
+    files, problems = expand_inputs(inputs)
+    for s in problems:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    if not files:
+        print(f"no images to {what}", file=sys.stderr)
+    return files, problems
+
+
+def report_skip(s) -> None:
+    """Name a file that could not be decoded, above the progress bar rather than through it."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+
+
 def register(p: argparse.ArgumentParser) -> None:
     """Add this verb's options."""
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
@@ -42,28 +61,19 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict every image; exit 0 if at least one was classified."""
-    from tqdm.auto import tqdm
-
-    from ..inference import expand_inputs, label_names, load_model, predict_files
+    from ..inference import label_names, load_model, predict_files
 
     size = resolution_of(args)
-    files, problems = expand_inputs(args.images)
-    for s in problems:
-        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    files, problems = input_files(args.images, "classify")
     if not files:
-        print("no images to classify", file=sys.stderr)
         return 1
     model = load_model(args.model, args.weights)
     labels, why = label_names(model, args.model)
     if why:
         print(f"note: {why}", file=sys.stderr)
-
-    def on_skip(s) -> None:
-        tqdm.write(f"skipped {s.path}: {s.reason}", file=sys.stderr)  # above the progress bar, not through it
-
     preds, skipped = predict_files(model, files, size, top_k=args.top_k, labels=labels, batch_size=args.batch,
                                    workers=args.workers, precision=args.precision, device=args.device,
-                                   progress=len(files) > args.batch and sys.stderr.isatty(), on_skip=on_skip)
+                                   progress=len(files) > args.batch and sys.stderr.isatty(), on_skip=report_skip)
     if args.json:
         doc = [{"file": p.path, "top": [{"index": i, "label": name, "score": score} for i, name, score in p.top]}
                for p in preds]
