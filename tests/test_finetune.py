@@ -14,6 +14,7 @@ from bigtransfer.data import load_splits
 from bigtransfer.finetune import (
     FinetuneConfig,
     RunDirError,
+    evaluate,
     mixup_lambda,
     mixup_loss,
     mixup_permutation,
@@ -264,3 +265,17 @@ def test_hostile_files_are_named_and_skipped_and_tiny_sets_sample_with_replaceme
     assert "empty" in skipped["empty.png"] and "not an image" in skipped["text.jpg"]
     assert summary["ignored_files"] >= 2 and summary["examples"] == 3 and summary["steps"] == 2
     assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+
+
+def test_evaluate_through_the_fast_path_equals_the_plain_model():
+    torch.manual_seed(0)
+    model = ResNetV2("R14x0.5", 4, zero_head=False).train()
+    batches = [(torch.rand(5, 3, 40, 40) * 2 - 1, torch.randint(0, 4, (5,))) for _ in range(3)]
+    result = evaluate(model, batches, 4)
+    assert model.training  # restored
+    with torch.no_grad():
+        logits = torch.cat([model.eval()(x) for x, _ in batches])
+    y = torch.cat([t for _, t in batches])
+    assert result["examples"] == 15
+    assert result["top1"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    assert result["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
