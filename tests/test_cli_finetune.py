@@ -41,16 +41,17 @@ def test_cli_run_says_it_starts_from_scratch_and_where_things_are(folder, tmp_pa
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
-def test_channels_last_default_and_nchw_opt_out_train_the_same_weights(folder, tmp_path):
+def test_layout_and_checkpointing_options_train_the_same_weights(folder, tmp_path):
     weights = {}
-    for name, extra in (("cl", []), ("nchw", ["--no-channels-last"])):
+    for name, extra in (("cl", []), ("nchw", ["--no-channels-last"]), ("ckpt", ["--grad-checkpointing"])):
         out = tmp_path / name
         assert main(["finetune", "--data", str(folder), "--out", str(out), "--steps", "3", *extra, *TINY]) == 0
         settings = json.loads((out / "config.json").read_text())["settings"]
-        assert settings["channels_last"] is (name == "cl")
+        assert settings["channels_last"] is (name != "nchw") and settings["grad_checkpointing"] is (name == "ckpt")
         weights[name] = read_checkpoint(out / "checkpoint.safetensors")[0]
     for key, w in weights["nchw"].items():
         assert torch.allclose(weights["cl"][key], w, rtol=1e-4, atol=1e-6), key
+        assert torch.equal(weights["ckpt"][key], weights["cl"][key]), key  # recomputation is exact
     # The head started at exactly zero: what 3 steps moved it is far beyond the difference between the layouts.
     head_cl, head_nchw = weights["cl"]["head.weight"], weights["nchw"]["head.weight"]
     assert head_nchw.norm() > 0 and (head_cl - head_nchw).norm() < 1e-4 * head_nchw.norm()
