@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import check_out_folder, check_positive, check_positive_all
 from .protocols import (
     TRAIN_SETTINGS,
     Say,
@@ -51,17 +52,14 @@ class FewShotConfig:
         """A checked copy: absolute paths, the shots sorted and without repeats."""
         c = dataclasses.replace(self, train=self.train.normalized())
         shots = list(c.shots) if isinstance(c.shots, Sequence) else [c.shots]
-        if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in shots):
-            raise ValueError(f"shots must be positive integers, got {c.shots!r}")
-        if isinstance(c.seeds, bool) or not isinstance(c.seeds, int) or c.seeds < 1:
-            raise ValueError(f"seeds must be a positive integer, got {c.seeds!r}")
+        check_positive_all("shots", shots)
+        check_positive("seeds", c.seeds)
         c.shots = tuple(sorted(set(shots)))
         if not Path(c.data).expanduser().exists():
             raise FileNotFoundError(f"{c.data}: no such data folder or file")
         c.data = str(Path(c.data).expanduser().resolve())
         c.out = str(Path(c.out).expanduser().resolve())
-        if Path(c.out).exists() and not Path(c.out).is_dir():
-            raise NotADirectoryError(f"{c.out}: exists and is not a directory; --out must name a folder")
+        check_out_folder(c.out)
         return c
 
 

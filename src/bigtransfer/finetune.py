@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_text
+from .checks import check_out_folder, check_positive
 from .metrics import Evaluation, JsonlLogger, read_jsonl, to_json
 
 # Settings that change what a run computes: resuming under different values would splice two different runs.
@@ -92,22 +93,15 @@ class RunDirError(ValueError):
     """The run directory holds something that this run must not resume or overwrite."""
 
 
-def _positive(name: str, value: object, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_config(c: FinetuneConfig) -> None:
     from .device import PRECISIONS
     from .hyperrule import VARIANTS
     from .registry import resolve
 
     for name in ("examples_per_class", "steps", "eval_every", "save_every", "eval_batch"):
-        _positive(name.replace("_", "-"), getattr(c, name))
-    _positive("batch", c.batch, allow_none=False)
-    _positive("batch-split", c.batch_split, allow_none=False)
+        check_positive(name.replace("_", "-"), getattr(c, name), allow_none=True)
+    check_positive("batch", c.batch)
+    check_positive("batch-split", c.batch_split)
     if c.batch % c.batch_split:
         raise ValueError(f"batch {c.batch} is not divisible by batch-split {c.batch_split}")
     if c.workers is not None and (isinstance(c.workers, bool) or not isinstance(c.workers, int) or c.workers < 0):
@@ -130,8 +124,7 @@ def _check_config(c: FinetuneConfig) -> None:
         raise FileNotFoundError(f"{c.data}: no such data folder or file")
     if c.weights is not None and not Path(c.weights).expanduser().is_file():
         raise FileNotFoundError(f"{c.weights}: no such weights file")
-    if Path(c.out).expanduser().exists() and not Path(c.out).expanduser().is_dir():
-        raise NotADirectoryError(f"{c.out}: exists and is not a directory; --out must name a run directory")
+    check_out_folder(c.out, "a run directory")
     resolve(c.model)  # raises a ValueError listing the known names
 
 

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from .checks import check_positive
+
 Variant = Literal["release", "paper"]
 VARIANTS: tuple[str, ...] = ("release", "paper")
 
@@ -46,13 +48,8 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"unknown HyperRule variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _size_class(n_examples: int) -> str:
-    _check_positive("n_examples", n_examples)
+    check_positive("n_examples", n_examples)
     if n_examples < MIXUP_THRESHOLD:
         return "small"
     return "medium" if n_examples < LARGE_THRESHOLD else "large"
@@ -106,7 +103,7 @@ def schedule(n_examples: int, variant: Variant = "release", batch: int = REFEREN
              steps: int | None = None) -> list[int]:
     """Phase points [warmup, d1, d2, d3, end] in updates of size `batch` (see the module docstring)."""
     _check_variant(variant)
-    _check_positive("batch", batch)
+    check_positive("batch", batch)
     size = _size_class(n_examples)
     if variant == "release":
         base = tuple(float(p) for p in _RELEASE[size])
@@ -114,7 +111,7 @@ def schedule(n_examples: int, variant: Variant = "release", batch: int = REFEREN
         end = _PAPER_END[size]
         base = (0.0, *(f * end for f in _PAPER_DECAYS), float(end))
     if steps is not None:
-        _check_positive("steps", steps)
+        check_positive("steps", steps)
         end, scale = steps, steps / base[-1]
     else:
         scale = REFERENCE_BATCH / batch

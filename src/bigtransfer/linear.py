@@ -233,6 +233,7 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
     """Extract (or reuse cached) pre-logits, fit the linear probe or k-NN, score on the eval split, write OUT."""
     # Imported here: the classifiers above need none of the data, model or file machinery.
     from .atomic import write_text
+    from .checks import check_out_folder
     from .data import image_size_of, load_splits
     from .device import pick_device
     from .features import extract_features, weights_digest
@@ -246,9 +247,8 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
     for name in ("data", "out", "weights", "cache"):
         if getattr(c, name) is not None:
             setattr(c, name, str(Path(getattr(c, name)).expanduser().absolute()))
+    check_out_folder(c.out)
     out = Path(c.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out}: exists and is not a directory; --out must name a folder")
     t0 = time.perf_counter()
     # The evaluation split must not move with the few-shot seed, so it is drawn with a fixed split seed.
     splits = load_splits(c.data, seed=c.seed, split_seed=0, examples_per_class=c.examples_per_class,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checks import check_out_folder, check_positive, check_positive_all
 from .protocols import (
     TRAIN_SETTINGS,
     Say,
@@ -56,19 +57,16 @@ class VtabConfig:
     def normalized(self) -> VtabConfig:
         """A checked copy with absolute paths."""
         c = dataclasses.replace(self, train=self.train.normalized())
-        if isinstance(c.seeds, bool) or not isinstance(c.seeds, int) or c.seeds < 1:
-            raise ValueError(f"seeds must be a positive integer, got {c.seeds!r}")
+        check_positive("seeds", c.seeds)
         c.sweep_lrs = tuple(float(v) for v in c.sweep_lrs)
         if not c.sweep_lrs or any(not v > 0 for v in c.sweep_lrs):
             raise ValueError(f"sweep lrs must be positive numbers, got {list(c.sweep_lrs)}")
         if c.sweep_steps is not None:
             c.sweep_steps = tuple(c.sweep_steps)
-            if not c.sweep_steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in c.sweep_steps):
-                raise ValueError(f"sweep steps must be positive integers, got {list(c.sweep_steps)}")
+            check_positive_all("sweep steps", c.sweep_steps)
         c.root = str(Path(c.root).expanduser().resolve())
         c.out = str(Path(c.out).expanduser().resolve())
-        if Path(c.out).exists() and not Path(c.out).is_dir():
-            raise NotADirectoryError(f"{c.out}: exists and is not a directory; --out must name a folder")
+        check_out_folder(c.out)
         return c
 
     def candidates(self) -> list[tuple[float, int | None]]:
