@@ -41,7 +41,10 @@ def test_cli_run_says_it_starts_from_scratch_and_where_things_are(folder, tmp_pa
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
-def test_layout_and_checkpointing_options_train_the_same_weights(folder, tmp_path):
+def test_layout_and_checkpointing_options_train_the_same_weights(folder, tmp_path, monkeypatch):
+    switched = []
+    real = ResNetV2.set_grad_checkpointing
+    monkeypatch.setattr(ResNetV2, "set_grad_checkpointing", lambda self, on=True: switched.append(on) or real(self, on))
     weights = {}
     for name, extra in (("cl", []), ("nchw", ["--no-channels-last"]), ("ckpt", ["--grad-checkpointing"])):
         out = tmp_path / name
@@ -49,6 +52,7 @@ def test_layout_and_checkpointing_options_train_the_same_weights(folder, tmp_pat
         settings = json.loads((out / "config.json").read_text())["settings"]
         assert settings["channels_last"] is (name != "nchw") and settings["grad_checkpointing"] is (name == "ckpt")
         weights[name] = read_checkpoint(out / "checkpoint.safetensors")[0]
+        assert switched.pop() is (name == "ckpt")
     for key, w in weights["nchw"].items():
         assert torch.allclose(weights["cl"][key], w, rtol=1e-4, atol=1e-6), key
         assert torch.equal(weights["ckpt"][key], weights["cl"][key]), key  # recomputation is exact

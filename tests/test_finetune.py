@@ -267,11 +267,17 @@ def test_hostile_files_are_named_and_skipped_and_tiny_sets_sample_with_replaceme
     assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
 
 
-def test_evaluate_through_the_fast_path_equals_the_plain_model():
+def test_evaluate_through_the_fast_path_equals_the_plain_model(monkeypatch):
+    import bigtransfer.fast
+
+    used = []
+    real = bigtransfer.fast.prepare_for_inference
+    monkeypatch.setattr(bigtransfer.fast, "prepare_for_inference", lambda m, *a, **k: used.append(m) or real(m, *a, **k))
     torch.manual_seed(0)
     model = ResNetV2("R14x0.5", 4, zero_head=False).train()
     batches = [(torch.rand(5, 3, 40, 40) * 2 - 1, torch.randint(0, 4, (5,))) for _ in range(3)]
     result = evaluate(model, batches, 4)
+    assert used == [model]  # once per evaluation, not per batch
     assert model.training  # restored
     with torch.no_grad():
         logits = torch.cat([model.eval()(x) for x, _ in batches])

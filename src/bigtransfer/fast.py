@@ -19,8 +19,9 @@ def _layout(model: nn.Module) -> tuple:
 
 
 def _signature(model: nn.Module) -> tuple:
-    """Changes whenever a parameter is updated in place (version counter) or replaced (storage)."""
-    return tuple((p._version, p.data_ptr()) for p in model.parameters()) + _layout(model)
+    """Changes whenever a parameter is updated in place (version counter) or replaced (a new tensor or storage:
+    also what a change of shape, dtype, device or layout makes)."""
+    return tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
 
 
 def _standardized_state(model: ResNetV2) -> dict[str, torch.Tensor]:
