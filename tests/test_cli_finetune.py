@@ -191,3 +191,13 @@ def test_strict_refuses_before_training_and_names_the_bad_file(tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and "broken.png" in err and "strict" in err
     assert not (tmp_path / "run" / "state.pt").exists()
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    # `bigtransfer models | head -1`: the reader leaves after one line; no traceback, exit 141 like Unix tools.
+    proc = subprocess.Popen([sys.executable, "-m", "bigtransfer", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout.readline().startswith(b"name")
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`bigtransfer models | head`): stop quietly, as Unix tools do. Pointing stdout at
+        # devnull keeps the interpreter's final flush from raising the same error again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except _USER_ERRORS as e:
         print(f"bigtransfer {args.verb}: error: {e}", file=sys.stderr)
         return 2
