@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -33,3 +35,18 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write a text file."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_group(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Temporaries for files that belong together (features and their row list): renamed into place together.
+
+    The targets are checked first and every temporary is complete before the first rename, so a failure while
+    writing leaves the old files (or none), never a new file beside an old or missing partner. Only a crash in
+    the microseconds between two renames could still split a group.
+    """
+    for p in paths:
+        if Path(p).is_dir():
+            raise UserError(f"{p}: is a folder; cannot write a file there")
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p)) for p in paths]

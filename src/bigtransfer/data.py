@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .images import ImageError, open_rgb
+from .paths import shown
 from .sampling import StepSampler, batch_indices, sample_seed
 from .sources import DataSourceError, find_examples, is_npz_row, npz_row
 from .transforms import EvalTransform, TrainTransform, eval_transform, train_transform
@@ -71,19 +72,26 @@ class DataSplits:
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One paragraph: counts per split, classes, skipped files (named, with reasons), ignored files."""
+        """One paragraph: counts per split (every class counted, 0 too), skipped files with reasons, ignored files."""
         def counts(items: list[Item]) -> str:
-            c = Counter(i.label for i in items)
-            if not c:
+            if not items:
                 return "no images"
-            lo, hi = min(c.values()), max(c.values())
-            return f"{len(items)} images ({lo} per class)" if lo == hi else f"{len(items)} images ({lo}-{hi} per class)"
+            c = Counter(i.label for i in items)
+            per = [c.get(k, 0) for k in range(len(self.classes))]
+            lo, hi = min(per), max(per)
+            text = f"{len(items)} images ({lo} per class)" if lo == hi else f"{len(items)} images ({lo}-{hi} per class"
+            empty = [shown(self.classes[k]) for k, n in enumerate(per) if n == 0]
+            if empty:
+                text += (f"; NONE of class{'es' * (len(empty) != 1)} {', '.join(empty[:10])}"
+                         + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""))
+            return text if lo == hi else text + ")"
 
-        names = ", ".join(self.classes[:10]) + (f", ... ({len(self.classes) - 10} more)" if len(self.classes) > 10 else "")
+        names = ", ".join(shown(c) for c in self.classes[:10]) + (
+            f", ... ({len(self.classes) - 10} more)" if len(self.classes) > 10 else "")
         evals = {"split": "held-out split of train", "val": "val", "test": "test"}[self.eval_name]
         parts = [f"{len(self.classes)} classes ({names}); train: {counts(self.train)}; {evals}: {counts(self.eval)}."]
         if self.skipped:
-            listed = "; ".join(f"{s.path} ({s.reason})" for s in self.skipped)
+            listed = "; ".join(f"{shown(s.path)} ({s.reason})" for s in self.skipped)
             parts.append(f"Skipped {len(self.skipped)} unreadable image{'s' * (len(self.skipped) != 1)}: {listed}.")
         if self.ignored:
             parts.append(f"Ignored {self.ignored} hidden or non-image file{'s' * (self.ignored != 1)}.")
@@ -147,11 +155,39 @@ def _few_shot(items: list[Item], k: int, seed: int, classes: list[str], why: str
     groups = _by_class(items)
     short = [(c, len(groups.get(i, []))) for i, c in enumerate(classes) if len(groups.get(i, [])) < k]
     if short:
-        listed = ", ".join(f"{c} ({n})" for c, n in short)
-        raise ValueError(f"examples_per_class={k}: {len(short)} of {len(classes)} classes have fewer than {k} usable "
-                         f"training images{why}: {listed}")
+        listed = ", ".join(f"{shown(c)} ({n})" for c, n in short)
+        raise DataSourceError(f"examples_per_class={k}: {len(short)} of {len(classes)} classes have fewer than {k} "
+                              f"usable training images{why}: {listed}")
     rng = random.Random(f"kshot:{seed}")
     return [it for i in range(len(classes)) for it in rng.sample(groups[i], k)]
+
+
+def _refuse_dead_classes(source: str | Path, classes: list[str], train: list[Item], held: list[Item],
+                         unreadable: Counter, eval_name: str) -> list[str]:
+    """Refuse fewer than 2 classes, or a class without a usable training image; notes for classes not evaluated.
+
+    A class the model never trains on still gets an output that is never right, and a 1-class softmax is
+    trivially perfect: both make every number the run reports meaningless, so they stop the run here.
+    """
+    name = shown(str(source))
+    if len(classes) < 2:
+        listed = f" ({', '.join(shown(c) for c in classes)})" if classes else ""
+        raise DataSourceError(f"{name}: {len(classes)} class{'es' * (len(classes) != 1)}{listed}; a classifier "
+                              "needs at least 2 classes")
+    n_train, n_held = Counter(i.label for i in train), Counter(i.label for i in held)
+    dead = [k for k in range(len(classes)) if not n_train[k]]
+    if dead:
+        why = [f"{shown(classes[k])} ({n_held[k]} in {eval_name}, {unreadable[k]} unreadable)" for k in dead[:10]]
+        more = f" and {len(dead) - 10} more" if len(dead) > 10 else ""
+        raise DataSourceError(f"{name}: {len(dead)} of {len(classes)} classes have no usable training image: "
+                              f"{'; '.join(why)}{more}. Every class needs training images; remove the class "
+                              f"(its folder or rows) or add images")
+    missing = [shown(classes[k]) for k in range(len(classes)) if not n_held[k]]
+    if held and missing and eval_name != "split":
+        return [f"WARNING: {len(missing)} of {len(classes)} classes have no {eval_name} image, so their accuracy "
+                f"is not measured: {', '.join(missing[:10])}" + (f" and {len(missing) - 10} more" if len(missing) > 10
+                                                                  else "")]
+    return []
 
 
 def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0, examples_per_class: int | None = None,
@@ -167,28 +203,33 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
         raise ValueError(f"examples_per_class must be >= 1, got {examples_per_class}")
     found = find_examples(source)
     index = {c: i for i, c in enumerate(found.classes)}
-    train = [Item(s, index[c]) for s, c in found.train]
-    held = [Item(s, index[c]) for s, c in found.eval] if found.eval is not None else []
+    train = _items(found.train, index)
+    held = _items(found.eval, index) if found.eval is not None else []
     skipped: list[Skipped] = []
+    unreadable: Counter = Counter()
     if check_images:
         train, bad_train = _check(train, workers, progress)
         held, bad_eval = _check(held, workers, progress)
         skipped = sorted(bad_train + bad_eval, key=lambda s: s.path)
         if strict and skipped:
-            listed = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
-            raise ValueError(f"{source}: {len(skipped)} unreadable image{'s' * (len(skipped) != 1)} "
-                             f"(strict mode refuses to train):\n{listed}")
+            listed = "\n".join(f"  {shown(s.path)}: {s.reason}" for s in skipped)
+            raise DataSourceError(f"{shown(str(source))}: {len(skipped)} unreadable image"
+                                  f"{'s' * (len(skipped) != 1)} (strict mode refuses to train):\n{listed}")
+        unreadable = Counter(i.label for i in _items(found.train, index)) - Counter(i.label for i in train)
+    notes = found.notes + _refuse_dead_classes(source, found.classes, train, held, unreadable, found.eval_name)
     why = ""
     if found.eval is None:
         train, held = stratified_split(train, val_fraction, seed if split_seed is None else split_seed)
         why = f" after holding out {val_fraction:.0%} per class for evaluation"
     if examples_per_class is not None:
         train = _few_shot(train, examples_per_class, seed, found.classes, why)
-    if not train:
-        raise ValueError(f"{source}: no usable training images" + (f" ({len(skipped)} unreadable)" if skipped else ""))
     train.sort(key=lambda i: (i.label, i.source))
     held.sort(key=lambda i: (i.label, i.source))
-    return DataSplits(train, held, found.classes, found.eval_name, skipped, found.ignored, found.notes)
+    return DataSplits(train, held, found.classes, found.eval_name, skipped, found.ignored, notes)
+
+
+def _items(pairs: list[tuple[str, str]], index: dict[str, int]) -> list[Item]:
+    return [Item(s, index[c]) for s, c in pairs]
 
 
 def _image_size(source: str) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ from .atomic import atomic_path
 from .data import Skipped
 from .inference import DEFAULT_BATCH, embed_files
 from .models import ResNetV2
+from .paths import name_bytes
 from .sources import is_npz_row
 from .zoo import cache_dir
 
@@ -68,7 +69,7 @@ def files_digest(files: Sequence[str | os.PathLike]) -> str:
                 stats[p] = f"{st.st_size}|{st.st_mtime_ns}"
             except OSError:
                 stats[p] = "missing"
-        h.update(f"{p}#{row}|{stats[p]}\n".encode())
+        h.update(name_bytes(p) + f"#{row}|{stats[p]}\n".encode())  # the OS's bytes: any file name hashes
     return h.hexdigest()
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .atomic import write_text
 from .checks import check_out_folder, check_positive
 from .metrics import Evaluation, JsonlLogger, read_jsonl, to_json
+from .paths import name_bytes
 
 # Settings that change what a run computes: resuming under different values would splice two different runs.
 SETTINGS_THAT_MATTER = ("data", "model", "weights", "examples_per_class", "seed", "steps", "batch", "resolution",
@@ -250,7 +251,7 @@ def _prepare_run_dir(c: FinetuneConfig) -> bool:
         old = json.loads(config_file.read_text())["settings"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunDirError(f"{config_file}: unreadable ({e}); pass --overwrite to start afresh") from None
-    new = _settings(c)
+    new = json.loads(to_json(_settings(c)))  # the form config.json stores (file names as `shown` writes them)
     differ = [f"{_flag(k)} was {old.get(k)!r}, now {new[k]!r}" for k in SETTINGS_THAT_MATTER if old.get(k) != new[k]]
     finished = (out / "summary.json").is_file() or (out / "state.pt").is_file()
     if differ and finished:
@@ -265,7 +266,7 @@ def _fingerprint(splits: Any) -> str:
     h.update(json.dumps(splits.classes).encode())
     for part in (splits.train, splits.eval):
         for it in part:
-            h.update(f"{it.source}\0{it.label}\n".encode())
+            h.update(name_bytes(it.source) + f"\0{it.label}\n".encode())  # the OS's bytes: any file name hashes
         h.update(b"|")
     return h.hexdigest()[:16]
 
@@ -448,8 +449,8 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
         result = evaluate(model, eval_loader, len(splits.classes), device=device, precision=c.precision)
         counters["eval_s"] += result["seconds"]
         counters["eval_images"] += result["examples"]
-        # The confusion matrix grows with classes squared: only the final one is kept (summary.json, confusion.png).
-        record = {"step": done, "eval": {k: v for k, v in result.items() if k != "confusion"}}
+        # The confusions grow with the classes: only the final ones are kept (summary.json, confusion.png).
+        record = {"step": done, "eval": {k: v for k, v in result.items() if k not in ("confusion", "top_confusions")}}
         logger.log(record)
         records.append(json.loads(to_json(record)))
         say(f"eval at step {done}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f} "
@@ -553,7 +554,8 @@ def _summary(c: FinetuneConfig, plan: Any, splits: Any, ev: dict[str, Any], k: d
         "model": c.model,
         "classes": splits.classes,
         "per_class_accuracy": per_class,
-        "confusion": ev["confusion"],
+        "confusion": ev["confusion"],  # None above metrics.CONFUSION_MAX_CLASSES classes
+        "top_confusions": ev["top_confusions"],
         "device": device,
         "precision": c.precision,
         "resolution": [plan.precrop, plan.crop],

@@ -239,7 +239,7 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
     from .features import extract_features, weights_digest
     from .hyperrule import resolution as hyperrule_resolution
     from .inference import load_model
-    from .metrics import confusion_matrix, per_class_accuracy, to_json
+    from .metrics import confusion_report, to_json
 
     c = dataclasses.replace(config)
     c.check()
@@ -285,7 +285,6 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
         preds = knn_predict(train.features, train_y, test.features, n_classes, k=c.k)
         result.update(k=min(c.k, len(train_y)))
     t3 = time.perf_counter()
-    confusion = confusion_matrix(eval_y, preds, n_classes)
     top1 = float((preds == eval_y).mean()) if len(eval_y) else float("nan")
     result.update(
         top1=top1, eval_examples=int(len(eval_y)), eval_split=splits.eval_name, train_examples=int(len(train_y)),
@@ -294,7 +293,7 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
         feature_dim=int(train.features.shape[1]),
         feature_cache={"train": train.cache_hit, "eval": test.cache_hit},
         skipped=[{"path": s.path, "reason": s.reason} for s in [*splits.skipped, *train.skipped, *test.skipped]],
-        per_class_accuracy=per_class_accuracy(confusion), confusion=confusion.tolist(),
+        **confusion_report(eval_y, preds, n_classes),
         seconds={"data": t1 - t0, "features": t2 - t1, "fit": t3 - t2, "total": t3 - t0},
     )
     write_text(out / "results.json", to_json(result, indent=2) + "\n")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text
+from .atomic import atomic_path, write_text
 from .finetune import SETTINGS_THAT_MATTER, FinetuneConfig, run_finetune
 from .metrics import to_json
 
@@ -124,9 +124,12 @@ def write_split_manifest(path: str | Path, rows: Sequence[tuple[str, str, str]])
     writer.writerows(rows)
     text = buf.getvalue()
     p = Path(path)
-    if p.is_file() and p.read_text(encoding="utf-8") == text:
+    # File names that are not UTF-8 go out as the OS's bytes, as the manifest reader takes them back.
+    data = text.encode("utf-8", "surrogateescape")
+    if p.is_file() and p.read_bytes() == data:
         return False
-    write_text(p, text)
+    with atomic_path(p) as tmp:
+        tmp.write_bytes(data)
     return True
 
 

@@ -1,6 +1,7 @@
 """Find a dataset's examples: an image folder, train/ + val/ or test/ folders, a CSV/JSONL manifest, or an .npz file.
 
-Every reader returns a `Found`: (source, class name) pairs for the training examples, the same for an explicit
+Manifests are UTF-8 text; bytes that are not UTF-8 (a file name written in another encoding) are read with
+"surrogateescape", so the name still opens the file it names (see `bigtransfer.paths`). Every reader returns a `Found`: (source, class name) pairs for the training examples, the same for an explicit
 evaluation split when the source has one, the class list, and how many entries were ignored (hidden files and
 non-image files in folders). Array rows are addressed as ``"<npz path>#<row>"`` for the ``images`` array and
 ``"<npz path>#<key>:<row>"`` for ``val_images`` / ``test_images``; `npz_row` reads one back.
@@ -13,16 +14,19 @@ import functools
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
 from .images import is_image_path, to_rgb
+from .paths import shown
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """A dataset that cannot be read as given; the message names the file and the problem."""
 
 
@@ -109,10 +113,8 @@ _EVAL_SPLITS = {"val": "val", "validation": "val", "valid": "val", "test": "test
 def manifest_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every data row of a CSV or JSONL manifest."""
     rows: list[tuple[int, dict]] = []
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataSourceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    # Bytes that are not UTF-8 (a file name in another encoding) are kept as the OS's bytes, so such a name opens.
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
         missing = {"path", "label"} - set(reader.fieldnames or [])
@@ -134,16 +136,51 @@ def manifest_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def is_label(value: object) -> bool:
+    """True for what a manifest may give as a class: a string or an integer (JSON true/false, 1.0 or lists are not)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def manifest_image(path: Path, num: int, src: object) -> str:
+    """The image path of a manifest row: absolute, or joined to the manifest's folder; refuses a non-string."""
+    if not isinstance(src, str) or not src.strip():
+        raise DataSourceError(f"{path}, line {num}: 'path' must be a non-empty string, got {src!r}")
+    src = src.strip()
+    return src if os.path.isabs(src) else os.path.normpath(os.path.join(path.parent, src))
+
+
+def refuse_repeats(path: Path, images: list[tuple[int, str]]) -> None:
+    """Refuse a manifest that lists one image file twice: it would be trained on twice, or trained and scored on.
+
+    `images` holds (line number, image path) per row; paths are compared after resolving symlinks and '..'.
+    """
+    first: dict[str, int] = {}
+    repeats: list[str] = []
+    for num, src in images:
+        key = os.path.realpath(src)
+        if key in first:
+            repeats.append(f"line {num} repeats line {first[key]} ({shown(src)})")
+        else:
+            first[key] = num
+    if repeats:
+        listed = "; ".join(repeats[:5]) + (f"; and {len(repeats) - 5} more" if len(repeats) > 5 else "")
+        raise DataSourceError(f"{shown(str(path))}: {len(repeats)} row{'s' * (len(repeats) != 1)} list an image an "
+                              f"earlier row already lists (it would be trained on twice, or both trained and "
+                              f"evaluated on): {listed}; remove the repeated rows")
+
+
 def _read_manifest(path: Path) -> Found:
-    base = path.parent
     train: list[tuple[str, str]] = []
     evals: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
+    images: list[tuple[int, str]] = []
     for num, row in manifest_rows(path):
         src, label = row.get("path"), row.get("label")
         if src is None or str(src).strip() == "" or label is None or str(label).strip() == "":
             raise DataSourceError(f"{path}, line {num}: needs a non-empty 'path' and 'label'")
-        src = str(src).strip()
-        full = src if os.path.isabs(src) else os.path.normpath(os.path.join(base, src))
+        if not is_label(label):
+            raise DataSourceError(f"{path}, line {num}: 'label' must be a string or an integer, got {label!r}")
+        full = manifest_image(path, num, src)
+        images.append((num, full))
         split = str(row.get("split") or "train").strip().lower()
         if split == "train":
             train.append((full, str(label).strip()))
@@ -153,6 +190,7 @@ def _read_manifest(path: Path) -> Found:
             raise DataSourceError(f"{path}, line {num}: split must be train, val or test, got {split!r}")
     if not train:
         raise DataSourceError(f"{path}: no training rows")
+    refuse_repeats(path, images)
     classes = natural_sorted({c for _, c in train} | {c for rows in evals.values() for _, c in rows})
     notes, ignored = [], 0
     name = "val" if evals["val"] else ("test" if evals["test"] else "split")
@@ -175,12 +213,38 @@ def _check_arrays(path: Path, images: np.ndarray, labels: np.ndarray, ikey: str,
         raise DataSourceError(f"{path}: {ikey} must be uint8 pixels 0-255, got {images.dtype}")
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3, 4))):
         raise DataSourceError(f"{path}: {ikey} must have shape (N, H, W) or (N, H, W, 1|3|4), got {images.shape}")
+    if 0 in images.shape[1:3]:
+        raise DataSourceError(f"{path}: {ikey} has shape {images.shape}: images of zero height or width")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataSourceError(f"{path}: {lkey} must be a 1-D integer array, got {labels.dtype} {labels.shape}")
     if len(labels) != len(images):
         raise DataSourceError(f"{path}: {len(images)} {ikey} but {len(labels)} {lkey}")
     if len(labels) and labels.min() < 0:
         raise DataSourceError(f"{path}: {lkey} must be >= 0, found {labels.min()}")
+
+
+def _check_label_range(path: Path, labels: np.ndarray, ev_labels: np.ndarray | None, ev_key: str | None) -> None:
+    """Without class_names, labels are class indices: 0..K-1, every one with training examples.
+
+    Checked before anything is sized by the largest label: one stray 100000 would otherwise make 100,001 classes.
+    """
+    present = np.unique(labels)
+    if ev_key is not None:
+        stray = np.setdiff1d(np.unique(ev_labels), present)
+        if len(stray):
+            raise DataSourceError(f"{path}: {ev_key}_labels holds {len(stray)} label{'s' * (len(stray) != 1)} that no "
+                                  f"training example has ({_preview(stray)}); every evaluated class needs training "
+                                  "images")
+    if present[-1] != len(present) - 1:
+        raise DataSourceError(f"{path}: labels must be the class indices 0..K-1 with every class present; found "
+                              f"{len(present)} distinct values from {present[0]} to {present[-1]} ({_preview(present)}),"
+                              f" so {int(present[-1]) + 1 - len(present)} classes would have no example. Renumber "
+                              "the labels 0..K-1, or add a class_names array naming every class")
+
+
+def _preview(values: np.ndarray, n: int = 10) -> str:
+    shown_values = ", ".join(str(int(v)) for v in values[:n])
+    return shown_values + (f", ... ({len(values) - n} more)" if len(values) > n else "")
 
 
 def _read_npz(path: Path) -> Found:
@@ -200,13 +264,16 @@ def _read_npz(path: Path) -> Found:
     _check_arrays(path, _npz_array(str(path), "images"), labels, "images", "labels")
     if ev_key:
         _check_arrays(path, _npz_array(str(path), f"{ev_key}_images"), ev_labels, f"{ev_key}_images", f"{ev_key}_labels")
+    if len(labels) == 0:
+        raise DataSourceError(f"{path}: no training examples")
     top = int(max([labels.max(initial=-1)] + ([ev_labels.max(initial=-1)] if ev_key else [])))
     if names is None:
+        _check_label_range(path, labels, ev_labels, ev_key)
         names = [str(i) for i in range(top + 1)]
     elif top >= len(names):
         raise DataSourceError(f"{path}: label {top} but only {len(names)} class_names")
-    if len(labels) == 0:
-        raise DataSourceError(f"{path}: no training examples")
+    elif len(set(names)) != len(names):
+        raise DataSourceError(f"{path}: class_names repeats a name ({', '.join(sorted(n for n, k in Counter(names).items() if k > 1))})")
     train = [(f"{path}#{i}", names[int(c)]) for i, c in enumerate(labels)]
     ev = [(f"{path}#{ev_key}_images:{i}", names[int(c)]) for i, c in enumerate(ev_labels)] if ev_key else None
     return Found(train, ev, ev_key or "split", names)

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
+    if hasattr(sys.stdout, "reconfigure"):
+        # A file name that is not UTF-8 prints with escapes (as on stderr) instead of ending the run in an error.
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

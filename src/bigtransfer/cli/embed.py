@@ -16,7 +16,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="DIR", help="folders (searched recursively) and/or image files")
     add_model_options(p)
     p.add_argument("--out", type=Path, required=True, help="features file to write (.npy); the file list goes to "
-                                                            "<out stem>.files.txt beside it")
+                                                            "<out stem>.files.txt beside it, one name per line as "
+                                                            "the file system stores it (bytes, usually UTF-8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -29,13 +30,19 @@ def run(args: argparse.Namespace) -> int:
     """Embed the images and write both files atomically."""
     import numpy as np
 
-    from ..atomic import atomic_path, write_text
+    from ..atomic import atomic_group
     from ..inference import embed_files, load_model
+    from ..paths import name_bytes, shown
 
     if args.out.suffix.lower() != ".npy":
         raise ValueError(f"{args.out}: --out must end in .npy")
     size = resolution_of(args)
     files, problems = input_files(args.inputs, "embed")
+    # The row list has one name per line: a name holding a newline could not be told from two.
+    newline = [f for f in files if "\n" in str(f)]
+    for f in newline:
+        print(f"skipped {shown(repr(str(f)))}: its name holds a newline, which the row list cannot hold", file=sys.stderr)
+    files = [f for f in files if "\n" not in str(f)]
     if not files:
         return 1
     model = load_model(args.model, args.weights)
@@ -46,9 +53,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"none of the {len(files)} files could be decoded; nothing written", file=sys.stderr)
         return 1
     listing = files_list_path(args.out)
-    with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
-        np.save(f, emb.features)
-    write_text(listing, "".join(f + "\n" for f in emb.files))
-    print(f"wrote {args.out} ({emb.features.shape[0]} x {emb.features.shape[1]} float32, {size}x{size} px) "
-          f"and {listing}; {len(emb.skipped) + len(problems)} skipped")
+    # Both or neither: a features file without its row list (or beside an older one) would look valid.
+    with atomic_group(args.out, listing) as (tmp_features, tmp_listing):
+        with open(tmp_features, "wb") as f:
+            np.save(f, emb.features)
+        tmp_listing.write_bytes(b"".join(name_bytes(f) + b"\n" for f in emb.files))
+    print(f"wrote {shown(str(args.out))} ({emb.features.shape[0]} x {emb.features.shape[1]} float32, {size}x{size} px) "
+          f"and {shown(str(listing))}; {len(emb.skipped) + len(problems) + len(newline)} skipped")
     return 0

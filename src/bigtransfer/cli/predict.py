@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+
+from ..paths import shown
 
 HELP = "Classify images (files or folders) with a model: top-k labels with softmax scores."
 
@@ -38,7 +39,7 @@ def input_files(inputs: list[str], what: str) -> tuple[list, list]:
 
     files, problems = expand_inputs(inputs)
     for s in problems:
-        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+        print(f"skipped {shown(s.path)}: {s.reason}", file=sys.stderr)
     if not files:
         print(f"no images to {what}", file=sys.stderr)
     return files, problems
@@ -48,7 +49,7 @@ def report_skip(s) -> None:
     """Name a file that could not be decoded, above the progress bar rather than through it."""
     from tqdm.auto import tqdm
 
-    tqdm.write(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    tqdm.write(f"skipped {shown(s.path)}: {s.reason}", file=sys.stderr)
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,7 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Predict every image; exit 0 if at least one was classified."""
     from ..inference import label_names, load_model, predict_files
+    from ..metrics import to_json
 
     size = resolution_of(args)
     files, problems = input_files(args.images, "classify")
@@ -77,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         doc = [{"file": p.path, "top": [{"index": i, "label": name, "score": score} for i, name, score in p.top]}
                for p in preds]
-        print(json.dumps(doc, indent=1))
+        print(to_json(doc, indent=1))
     else:
         for p in preds:
-            print(p.path)
+            print(shown(p.path))
             for i, name, score in p.top:
-                print(f"  {score:8.4f}  {name if name is not None else '-'}  (class {i})")
+                print(f"  {score:8.4f}  {shown(name) if name is not None else '-'}  (class {i})")
     n_bad = len(skipped) + len(problems)
     if n_bad:
         print(f"{len(preds)} image{'s' * (len(preds) != 1)} classified, {n_bad} skipped", file=sys.stderr)
