@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from .atomic import write_text
 from .paths import shown
 
-
 # The full (C, C) confusion matrix is kept up to this many classes (a plot of it is still legible, its JSON small);
 # above, it grows with classes squared (3.8 GB of int64 at BiT-M's 21,843 classes), so only the TOP_CONFUSIONS
 # most frequent (true, predicted) pairs are reported, counted from the examples without any C x C array.

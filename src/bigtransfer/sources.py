@@ -1,10 +1,13 @@
 """Find a dataset's examples: an image folder, train/ + val/ or test/ folders, a CSV/JSONL manifest, or an .npz file.
 
-Manifests are UTF-8 text; bytes that are not UTF-8 (a file name written in another encoding) are read with
-"surrogateescape", so the name still opens the file it names (see `bigtransfer.paths`). Every reader returns a `Found`: (source, class name) pairs for the training examples, the same for an explicit
+Every reader returns a `Found`: (source, class name) pairs for the training examples, the same for an explicit
 evaluation split when the source has one, the class list, and how many entries were ignored (hidden files and
 non-image files in folders). Array rows are addressed as ``"<npz path>#<row>"`` for the ``images`` array and
 ``"<npz path>#<key>:<row>"`` for ``val_images`` / ``test_images``; `npz_row` reads one back.
+
+Manifests are UTF-8 text; bytes that are not UTF-8 (a file name written in another encoding) are read with
+"surrogateescape", so the name still opens the file it names (see `bigtransfer.paths`). A manifest may list an
+image once; labels are strings or integers.
 """
 
 from __future__ import annotations
@@ -273,7 +276,8 @@ def _read_npz(path: Path) -> Found:
     elif top >= len(names):
         raise DataSourceError(f"{path}: label {top} but only {len(names)} class_names")
     elif len(set(names)) != len(names):
-        raise DataSourceError(f"{path}: class_names repeats a name ({', '.join(sorted(n for n, k in Counter(names).items() if k > 1))})")
+        repeated = sorted(n for n, k in Counter(names).items() if k > 1)
+        raise DataSourceError(f"{path}: class_names repeats a name ({', '.join(repeated)})")
     train = [(f"{path}#{i}", names[int(c)]) for i, c in enumerate(labels)]
     ev = [(f"{path}#{ev_key}_images:{i}", names[int(c)]) for i, c in enumerate(ev_labels)] if ev_key else None
     return Found(train, ev, ev_key or "split", names)
