@@ -240,7 +240,7 @@ def _image_size(source: str) -> tuple[int, int] | None:
         with Image.open(source) as img:  # reads the header only
             w, h = img.size
             return h, w
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
 
 

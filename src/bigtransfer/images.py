@@ -12,8 +12,12 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Suffixes treated as images when scanning folders (anything else is ignored and counted).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-# Refuse decompression bombs rather than exhausting memory.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+# The most pixels an image may have: a larger one is named and skipped like any unreadable image, from its header
+# alone, before anything is decoded. 100 million pixels decode to 300 MB of RGB (a 20000 x 20000 PNG of 1 MB on
+# disk would take 1.2 GB); BiT trains at up to 512 px. Pillow's own check is set to the same number, so it raises
+# for anything over twice that while opening the header (and warns between 1x and 2x, where this check refuses).
+MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -65,6 +69,8 @@ def open_rgb(path: str | os.PathLike | None = None, data: bytes | None = None) -
                 raise ImageError(name, "empty file")
             src = Image.open(io.BytesIO(data))
         with src as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(name, _too_large(f"{img.width}x{img.height} = {img.width * img.height:,} pixels"))
             img.load()  # decode now, so truncation is found here and not inside a worker later
             rgb = to_rgb(img)
             rgb.load()
@@ -75,8 +81,14 @@ def open_rgb(path: str | os.PathLike | None = None, data: bytes | None = None) -
         raise ImageError(name, "no such file") from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(name, _too_large(str(e).split(" exceeds")[0])) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(name, f"cannot decode ({e})") from None
+
+
+def _too_large(size: str) -> str:
+    return f"too large to decode ({size}; the limit is bigtransfer.images.MAX_PIXELS = {MAX_PIXELS:,} pixels)"
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

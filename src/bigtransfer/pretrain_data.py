@@ -11,6 +11,7 @@ continues the same stream.
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import DataSourceError, ImageDataset, Item, Skipped, load_splits
 from .images import to_tensor
+from .paths import shown
 from .sampling import batch_indices, sample_seed
-from .sources import manifest_rows, natural_sorted
+from .sources import is_label, manifest_image, manifest_rows, natural_sorted, refuse_repeats
 
 # Inception-style crop: area fraction and aspect-ratio ranges, and tries before the centred fallback.
 CROP_SCALE = (0.08, 1.0)
@@ -302,24 +304,27 @@ def read_multi_label_manifest(path: str | Path, holdout: float = 0.05, seed: int
     """
     p = Path(path)
     rows: dict[str, list[tuple[str, list[str]]]] = {"train": [], "val": [], "test": []}
+    images: list[tuple[int, str]] = []
     for num, row in manifest_rows(p):
         src, labels = row.get("path"), row.get("labels")
-        if not isinstance(src, str) or not src.strip():
-            raise DataSourceError(f"{p}, line {num}: needs a non-empty 'path'")
-        if not isinstance(labels, list) or not all(isinstance(x, str | int) and str(x).strip() for x in labels):
-            raise DataSourceError(f"{p}, line {num}: 'labels' must be a list of class names, got {labels!r}")
+        full = manifest_image(p, num, src)
+        if not isinstance(labels, list) or not all(is_label(x) and str(x).strip() for x in labels):
+            raise DataSourceError(f"{p}, line {num}: 'labels' must be a list of class names (strings or integers), "
+                                  f"got {labels!r}")
         split = SPLITS.get(str(row.get("split") or "train").strip().lower())
         if split is None:
             raise DataSourceError(f"{p}, line {num}: split must be train, val or test, got {row.get('split')!r}")
-        full = src.strip() if Path(src.strip()).is_absolute() else str(p.parent / src.strip())
-        if not Path(full).is_file():
-            raise DataSourceError(f"{p}, line {num}: image {src.strip()!r} not found (looked for {full})")
+        if not os.path.isfile(full):
+            raise DataSourceError(f"{p}, line {num}: image {shown(src.strip())!r} not found (looked for {shown(full)})")
         rows[split].append((full, [str(x).strip() for x in labels]))
+        images.append((num, full))
     if not rows["train"]:
         raise DataSourceError(f"{p}: no training rows")
+    refuse_repeats(p, images)
     classes = natural_sorted({lab for part in rows.values() for _, labs in part for lab in labs})
-    if not classes:
-        raise DataSourceError(f"{p}: no row has any label")
+    if len(classes) < 2:
+        raise DataSourceError(f"{p}: {len(classes)} class{'es' * (len(classes) != 1)} over all rows "
+                              f"({', '.join(map(shown, classes)) or 'no row has a label'}); training needs at least 2")
     index = {c: i for i, c in enumerate(classes)}
 
     def examples(part: str) -> list[Example]:
@@ -353,6 +358,9 @@ def _load_shards(train_root: Path, eval_root: Path | None) -> ShardData:
     from .shards import read_index
 
     index = read_index(train_root)
+    if len(index.classes) < 2:
+        raise DataSourceError(f"{train_root}: {len(index.classes)} class ({', '.join(index.classes)}); training "
+                              "needs at least 2")
     notes = [] if eval_root else [f"{train_root}: no val/ or test/ shard set beside it, so there is no held-out "
                                   "evaluation (write one, or hold images out into a manifest)"]
     eval_count = 0

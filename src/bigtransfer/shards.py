@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -41,6 +42,11 @@ class ShardError(ValueError):
 
 class ShardWarning(UserWarning):
     """A corrupt sample or shard tail that was skipped while reading."""
+
+
+def _is_index(x: object) -> bool:
+    """An integer class index (NumPy's too); True/False and 1.0 are not: int() would quietly make them one."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
 def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -119,6 +125,8 @@ class ShardWriter:
             raise ShardError(f"{self.out_dir}: sample {key!r}: image extension {ext!r} is not an image format")
         if not image:
             raise ShardError(f"{self.out_dir}: sample {key!r}: empty image bytes")
+        if not all(_is_index(x) for x in labels):
+            raise ShardError(f"{self.out_dir}: sample {key!r}: labels {labels!r} must be integers (class indices)")
         labels = [int(x) for x in labels]
         if not labels or len(set(labels)) != len(labels) or not all(0 <= x < len(self.classes) for x in labels):
             raise ShardError(f"{self.out_dir}: sample {key!r}: labels {labels} must be distinct class indices "
@@ -227,9 +235,9 @@ def _sample(path: Path, key: str, parts: dict[str, bytes]) -> tuple[str, bytes, 
     else:
         try:
             record = json.loads(parts["json"])
-            labels = [int(x) for x in record["labels"]]
-            if not labels:
-                raise ValueError("empty label list")
+            labels = record["labels"]
+            if not isinstance(labels, list) or not labels or not all(_is_index(x) for x in labels):
+                raise ValueError(f"labels must be a non-empty list of class indices, got {labels!r}")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             problem = f"corrupt {key}.json ({e})"
     if problem:
