@@ -21,6 +21,7 @@ from bigtransfer.images import ImageError, open_rgb
 from bigtransfer.metrics import CONFUSION_MAX_CLASSES, Evaluation, confusion_matrix, confusion_report, to_json
 from bigtransfer.paths import shown
 from bigtransfer.pretrain_data import load_pretrain_data, read_multi_label_manifest
+from bigtransfer.protocols import write_split_manifest
 from bigtransfer.shards import ShardError, ShardWriter, read_index
 
 F = ["--model", "R14x0.5", "--steps", "3", "--batch", "4", "--resolution", "40", "32", "--quiet", "--workers", "0"]
@@ -84,6 +85,29 @@ def test_non_utf8_names_train_evaluate_and_embed(tmp_path, capsys):
     assert len(rows) == np.load(out).shape[0] == 11  # 10 + the readable caf\xe9.png; the unreadable one skipped
     assert os.fsencode(data / "a" / CAFE) in rows and all(os.path.isfile(r) for r in rows)  # the OS's exact bytes
     assert "b/caf\\xe9.png" in capsys.readouterr().err
+    assert main(["predict", str(data / "a" / CAFE), "--weights", weights, "--resolution", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.encode("utf-8"))[0]["file"].endswith("a/caf\\xe9.png")
+
+
+def test_split_manifests_carry_non_utf8_names_to_the_reader(tmp_path):
+    _folder(tmp_path / "img", {"a": 2, "b": 2})
+    odd = _png(tmp_path / "img" / "a" / CAFE)
+    rows = [(str(p), p.parent.name, "train") for p in sorted((tmp_path / "img").rglob("*.png"))]
+    assert write_split_manifest(tmp_path / "m.csv", rows)
+    assert not write_split_manifest(tmp_path / "m.csv", rows)  # unchanged: reported as such
+    assert os.fsencode(odd) in (tmp_path / "m.csv").read_bytes()  # the OS's bytes, as a file list holds them
+    assert str(odd) in {i.source for i in load_splits(tmp_path / "m.csv").train + load_splits(tmp_path / "m.csv").eval}
+
+
+def test_a_feature_cache_entry_with_impossible_rows_is_recomputed(tmp_path):
+    from bigtransfer.features import _read_cache
+
+    for kept in ([0, 5], [1, 0], [-1, 1]):
+        np.savez(tmp_path / "c.npz", features=np.zeros((2, 3), np.float32), kept=np.array(kept), skipped=np.array("[]"))
+        assert _read_cache(tmp_path / "c.npz", 2) is None
+    np.savez(tmp_path / "c.npz", features=np.zeros((2, 3), np.float32), kept=np.array([0, 2]), skipped=np.array(
+        json.dumps([["x", "empty file"]])))
+    assert _read_cache(tmp_path / "c.npz", 3) is not None
 
 
 # ---- item 3: outputs that belong together ------------------------------------------------------------------------
@@ -141,6 +165,9 @@ def test_npz_labels_must_be_class_indices_without_gaps(tmp_path):
     np.savez(tmp_path / "named.npz", images=x, labels=np.array([0, 2] * 3), class_names=np.array(["x", "y", "z"]))
     with pytest.raises(DataSourceError, match=r"1 of 3 classes have no usable training image: y \(0 in split"):
         load_splits(tmp_path / "named.npz")
+    np.savez(tmp_path / "flat.npz", images=x, labels=np.array([0, 1] * 3), class_names=np.array([["x", "y"]]))
+    with pytest.raises(DataSourceError, match=r"class_names must be a 1-D array of names, got shape \(1, 2\)"):
+        load_splits(tmp_path / "flat.npz")
     np.savez(tmp_path / "twice.npz", images=x, labels=np.array([0, 1] * 3), class_names=np.array(["x", "x"]))
     with pytest.raises(DataSourceError, match=r"class_names repeats a name \(x\)"):
         load_splits(tmp_path / "twice.npz")

@@ -248,12 +248,12 @@ def image_size_of(splits: DataSplits, sample: int = 64) -> tuple[int, int]:
     """Typical (h, w) of the training images: the medians over up to `sample` evenly spaced ones."""
     n = len(splits.train)
     if n == 0:
-        raise ValueError("no training images to measure")
+        raise DataSourceError("no training images to measure")
     k = max(1, min(sample, n))
     picks = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
     sizes = [s for s in (_image_size(splits.train[i].source) for i in picks) if s is not None]
     if not sizes:
-        raise ValueError(f"could not read the size of any of {len(picks)} training images")
+        raise DataSourceError(f"could not read the size of any of {len(picks)} training images")
     return int(statistics.median_low(h for h, _ in sizes)), int(statistics.median_low(w for _, w in sizes))
 
 

@@ -95,6 +95,8 @@ def _read_cache(path: Path, n_files: int) -> tuple[np.ndarray, np.ndarray, list[
         return None
     if feats.ndim != 2 or kept.shape != (feats.shape[0],) or len(kept) + len(skipped) != n_files:
         return None
+    if len(kept) and (kept.min() < 0 or kept.max() >= n_files or np.any(np.diff(kept) <= 0)):
+        return None  # rows that would index the wrong files (or none): recompute rather than trust them
     return feats, kept.astype(np.int64), skipped
 
 

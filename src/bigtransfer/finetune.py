@@ -382,7 +382,15 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     resume = _prepare_run_dir(c)
     out.mkdir(parents=True, exist_ok=True)
 
-    from .data import ImageDataset, eval_transform, image_size_of, load_splits, make_loader, train_transform
+    from .data import (
+        DataSourceError,
+        ImageDataset,
+        eval_transform,
+        image_size_of,
+        load_splits,
+        make_loader,
+        train_transform,
+    )
     from .device import describe, grad_scaler, pick_device, sgd, training_layout
     from .hyperrule import make_plan
     from .runstate import load_run_state, save_run_state
@@ -392,7 +400,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
                          split_seed=c.split_seed)
     say(splits.summary())
     if not splits.eval:
-        raise ValueError(f"{c.data}: no images left to evaluate on (every class has a single image?)")
+        raise DataSourceError(f"{c.data}: no images left to evaluate on (every class has a single image?)")
     plan = make_plan(len(splits.train), image_size_of(splits), batch=c.batch, steps=c.steps, variant=c.variant,
                      base_lr=c.base_lr, arch=c.model, resolution_override=c.resolution)
     say(plan.describe())

@@ -234,7 +234,7 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
     # Imported here: the classifiers above need none of the data, model or file machinery.
     from .atomic import write_text
     from .checks import check_out_folder
-    from .data import image_size_of, load_splits
+    from .data import DataSourceError, image_size_of, load_splits
     from .device import pick_device
     from .features import extract_features, weights_digest
     from .hyperrule import resolution as hyperrule_resolution
@@ -254,7 +254,7 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
     splits = load_splits(c.data, seed=c.seed, split_seed=0, examples_per_class=c.examples_per_class,
                          val_fraction=c.val_fraction, progress=False)
     if not splits.eval:
-        raise ValueError(f"{c.data}: no evaluation examples")
+        raise DataSourceError(f"{c.data}: no evaluation examples")
     say(splits.summary())
     size = c.resolution or hyperrule_resolution(image_size_of(splits))[1]
     model = load_model(c.model, c.weights)

@@ -230,7 +230,7 @@ def train_batches(data: PretrainData | ShardData, size: int, global_batch: int, 
     stream = ShardDataset(data.train_root, transform, seed=seed, rank=rank, world_size=world_size)
     shards = len(stream.index.shards)
     if shards < world_size * max(1, workers):
-        raise ValueError(f"{data.train_root}: {shards} shard(s) cannot feed {world_size} process(es) x "
+        raise DataSourceError(f"{data.train_root}: {shards} shard(s) cannot feed {world_size} process(es) x "
                          f"{max(1, workers)} worker(s); write more, smaller shards or use fewer workers")
     epoch = start_step * global_batch // max(1, data.train_count)
     needed = (end_step - start_step) * batch_split
@@ -245,7 +245,7 @@ def train_batches(data: PretrainData | ShardData, size: int, global_batch: int, 
             if needed == 0:
                 return
         if got == 0:
-            raise ValueError(f"{data.train_root}: process {rank} read no full micro-batch of {micro} in epoch {epoch}; "
+            raise DataSourceError(f"{data.train_root}: process {rank} read no full micro-batch of {micro} in epoch {epoch}; "
                              "use a smaller batch or more samples per shard")
         epoch += 1
 

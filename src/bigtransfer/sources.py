@@ -226,6 +226,12 @@ def _check_arrays(path: Path, images: np.ndarray, labels: np.ndarray, ikey: str,
         raise DataSourceError(f"{path}: {lkey} must be >= 0, found {labels.min()}")
 
 
+def _class_names(path: Path, names: np.ndarray) -> list[str]:
+    if names.ndim != 1:
+        raise DataSourceError(f"{path}: class_names must be a 1-D array of names, got shape {names.shape}")
+    return [str(n) for n in names]
+
+
 def _check_label_range(path: Path, labels: np.ndarray, ev_labels: np.ndarray | None, ev_key: str | None) -> None:
     """Without class_names, labels are class indices: 0..K-1, every one with training examples.
 
@@ -256,7 +262,7 @@ def _read_npz(path: Path) -> Found:
             keys = set(z.files)
             if not {"images", "labels"} <= keys:
                 raise DataSourceError(f"{path}: needs arrays 'images' and 'labels'; has {', '.join(sorted(keys)) or 'none'}")
-            names = [str(n) for n in z["class_names"]] if "class_names" in keys else None
+            names = _class_names(path, z["class_names"]) if "class_names" in keys else None
             labels = z["labels"]
             ev_key = next((k for k in ("val", "test") if f"{k}_images" in keys and f"{k}_labels" in keys), None)
             ev_labels = z[f"{ev_key}_labels"] if ev_key else None
