@@ -132,22 +132,39 @@ def test_atomic_group_writes_all_or_none(tmp_path):
 
 # ---- items 4, 5, 14: dead classes, absurd labels, one class ------------------------------------------------------
 
-def test_a_class_without_a_usable_training_image_is_refused(tmp_path):
+def test_a_class_without_any_usable_image_is_refused(tmp_path):
     _folder(tmp_path / "unreadable", {"a": 3})
     (tmp_path / "unreadable" / "b").mkdir()
     for i in range(2):
         (tmp_path / "unreadable" / "b" / f"{i}.png").write_bytes(b"\x89PNG junk")
-    with pytest.raises(DataSourceError, match=r"1 of 2 classes have no usable training image: b \(0 in split, "
-                                              r"2 unreadable\)"):
+    with pytest.raises(DataSourceError, match=r"unreadable: 1 of 2 classes have no usable image at all: "
+                                              r"b \(2 unreadable\)\. Remove the class"):
         load_splits(tmp_path / "unreadable")
     _folder(tmp_path / "empty", {"a": 3, "b": 2})
     (tmp_path / "empty" / "c").mkdir()
-    with pytest.raises(DataSourceError, match=r"empty: 1 of 3 classes have no usable training image: c \(0 in"):
+    with pytest.raises(DataSourceError, match=r"empty: 1 of 3 classes have no usable image at all: c \(0 unread"):
         load_splits(tmp_path / "empty")
-    _folder(tmp_path / "valonly" / "train", {"a": 3, "b": 2})
-    _folder(tmp_path / "valonly" / "val", {"a": 1, "c": 2})
-    with pytest.raises(DataSourceError, match=r"no usable training image: c \(2 in val, 0 unreadable\)"):
-        load_splits(tmp_path / "valonly")
+
+
+def test_a_class_only_in_val_trains_with_a_loud_warning_and_true_counts(tmp_path, capsys):
+    # Kept, not refused: fixed benchmark splits (VTAB-1k) can miss classes in training that their test split has.
+    _folder(tmp_path / "d" / "train", {"a": 3, "b": 3})
+    _folder(tmp_path / "d" / "val", {"a": 1, "c": 2})
+    (tmp_path / "d" / "val" / "c" / "x.png").write_bytes(b"junk")
+    s = load_splits(tmp_path / "d")
+    assert s.class_counts() == {"train_per_class": [3, 3, 0], "eval_per_class": [1, 0, 2]}
+    text = s.summary()
+    assert "train: 6 images (0-3 per class; NONE of class c)" in text and "val: 3 images (0-2 per class; NONE of " \
+        "class b)" in text
+    assert "WARNING: 1 of 3 classes have no usable training image, so the model never learns them and their val " \
+        "images all count as errors: c (2 in val, 0 unreadable)" in text
+    assert "WARNING: 1 of 3 classes have no val image, so their accuracy is not measured: b." in text
+    assert main(["finetune", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), *F]) == 0
+    assert "WARNING: 1 of 3 classes have no usable training image" in capsys.readouterr().out
+    data = _utf8_json(tmp_path / "run" / "config.json")["data"]
+    assert data["train_per_class"] == [3, 3, 0] and data["eval_per_class"] == [1, 0, 2]
+    per_class = _utf8_json(tmp_path / "run" / "summary.json")["per_class_accuracy"]
+    assert per_class["b"] is None and per_class["c"] == 0.0  # never trained: every c image is an error
 
 
 def test_npz_labels_must_be_class_indices_without_gaps(tmp_path):
@@ -160,10 +177,13 @@ def test_npz_labels_must_be_class_indices_without_gaps(tmp_path):
     with pytest.raises(DataSourceError, match=r"3 distinct values from 0 to 100000 .* 99998 classes would have no"):
         load_splits(tmp_path / "huge.npz")  # refused before anything is sized by the largest label
     np.savez(tmp_path / "val.npz", images=x, labels=np.array([0, 1] * 3), val_images=x[:2], val_labels=np.array([1, 7]))
-    with pytest.raises(DataSourceError, match=r"val_labels holds 1 label that no training example has \(7\)"):
+    with pytest.raises(DataSourceError, match=r"3 distinct values from 0 to 7 \(0, 1, 7\), so 5 classes would have"):
         load_splits(tmp_path / "val.npz")
+    np.savez(tmp_path / "val2.npz", images=x, labels=np.array([0, 1] * 3), val_images=x[:2], val_labels=np.array([1, 2]))
+    assert "have no usable training image, so the model never learns them and their val images all count as " \
+        "errors: 2 (1 in val, 0 unreadable)" in load_splits(tmp_path / "val2.npz").summary()
     np.savez(tmp_path / "named.npz", images=x, labels=np.array([0, 2] * 3), class_names=np.array(["x", "y", "z"]))
-    with pytest.raises(DataSourceError, match=r"1 of 3 classes have no usable training image: y \(0 in split"):
+    with pytest.raises(DataSourceError, match=r"1 of 3 classes have no usable image at all: y \(0 unreadable\)"):
         load_splits(tmp_path / "named.npz")
     np.savez(tmp_path / "flat.npz", images=x, labels=np.array([0, 1] * 3), class_names=np.array([["x", "y"]]))
     with pytest.raises(DataSourceError, match=r"class_names must be a 1-D array of names, got shape \(1, 2\)"):
@@ -313,6 +333,11 @@ def test_jsonl_integer_and_string_labels_name_the_same_class(tmp_path):
         read_multi_label_manifest(tmp_path / "ml.jsonl")
     (tmp_path / "ml.jsonl").write_text("".join(json.dumps({"path": p, "labels": c}) + "\n" for p, c in multi[:2]))
     assert read_multi_label_manifest(tmp_path / "ml.jsonl", holdout=0.5).classes == ["1", "2", "x"]
+    rows = [("img/a/0.png", ["x", 1], "train"), ("img/b/0.png", [2], "train"), ("img/b/1.png", ["y"], "val")]
+    (tmp_path / "ml.jsonl").write_text("".join(json.dumps({"path": p, "labels": c, "split": s}) + "\n"
+                                               for p, c, s in rows))
+    data = read_multi_label_manifest(tmp_path / "ml.jsonl")
+    assert "WARNING: 1 classes occur only in val/test rows, never in training: y" in data.summary()
 
 
 def test_shard_labels_must_be_integers(tmp_path):
@@ -323,3 +348,14 @@ def test_shard_labels_must_be_integers(tmp_path):
                 w.write("k", png, bad)
         w.write("k", png, [np.int64(1)])
     assert read_index(tmp_path / "s").num_samples == 1
+
+
+def test_vtab_notes_test_classes_that_training_never_sees(tmp_path):
+    from bigtransfer.vtab import read_vtab
+
+    _folder(tmp_path / "dtd" / "train800", {"banded": 2, "woven": 2})
+    _folder(tmp_path / "dtd" / "val200", {"banded": 1, "woven": 1})
+    _folder(tmp_path / "dtd" / "test", {"banded": 1, "dotted": 1, "woven": 1})
+    notes = read_vtab(tmp_path, tasks=["dtd"]).tasks[0].notes
+    assert "1 classes of test have no train800val200 example (their images count as errors): dotted" in notes
+    assert not any("of val200" in n for n in notes)

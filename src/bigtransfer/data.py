@@ -71,6 +71,14 @@ class DataSplits:
     ignored: int = 0
     notes: list[str] = field(default_factory=list)
 
+    def class_counts(self) -> dict[str, list[int]]:
+        """Images per class (in class order, zeros included) in train and in the evaluation split."""
+        def per(items: list[Item]) -> list[int]:
+            c = Counter(i.label for i in items)
+            return [c.get(k, 0) for k in range(len(self.classes))]
+
+        return {"train_per_class": per(self.train), "eval_per_class": per(self.eval)}
+
     def summary(self) -> str:
         """One paragraph: counts per split (every class counted, 0 too), skipped files with reasons, ignored files."""
         def counts(items: list[Item]) -> str:
@@ -162,12 +170,18 @@ def _few_shot(items: list[Item], k: int, seed: int, classes: list[str], why: str
     return [it for i in range(len(classes)) for it in rng.sample(groups[i], k)]
 
 
-def _refuse_dead_classes(source: str | Path, classes: list[str], train: list[Item], held: list[Item],
-                         unreadable: Counter, eval_name: str) -> list[str]:
-    """Refuse fewer than 2 classes, or a class without a usable training image; notes for classes not evaluated.
+def _listed(names: list[str], limit: int = 10) -> str:
+    return "; ".join(names[:limit]) + (f"; and {len(names) - limit} more" if len(names) > limit else "")
 
-    A class the model never trains on still gets an output that is never right, and a 1-class softmax is
-    trivially perfect: both make every number the run reports meaningless, so they stop the run here.
+
+def _check_classes(source: str | Path, classes: list[str], train: list[Item], held: list[Item],
+                   unreadable: Counter, eval_name: str) -> list[str]:
+    """Refuse fewer than 2 classes or a class without any usable image; loud notes for classes half missing.
+
+    A 1-class softmax is trivially perfect and a class with no image at all is an output nothing can train or
+    measure: both stop the run. A class with evaluation images but no training image is kept, with a warning:
+    fixed benchmark splits (VTAB-1k's 1000 training images for 397 SUN classes) legitimately miss classes that
+    their test split has, and those test images then count as errors, as the benchmark defines.
     """
     name = shown(str(source))
     if len(classes) < 2:
@@ -175,19 +189,21 @@ def _refuse_dead_classes(source: str | Path, classes: list[str], train: list[Ite
         raise DataSourceError(f"{name}: {len(classes)} class{'es' * (len(classes) != 1)}{listed}; a classifier "
                               "needs at least 2 classes")
     n_train, n_held = Counter(i.label for i in train), Counter(i.label for i in held)
-    dead = [k for k in range(len(classes)) if not n_train[k]]
-    if dead:
-        why = [f"{shown(classes[k])} ({n_held[k]} in {eval_name}, {unreadable[k]} unreadable)" for k in dead[:10]]
-        more = f" and {len(dead) - 10} more" if len(dead) > 10 else ""
-        raise DataSourceError(f"{name}: {len(dead)} of {len(classes)} classes have no usable training image: "
-                              f"{'; '.join(why)}{more}. Every class needs training images; remove the class "
-                              f"(its folder or rows) or add images")
-    missing = [shown(classes[k]) for k in range(len(classes)) if not n_held[k]]
-    if held and missing and eval_name != "split":
-        return [f"WARNING: {len(missing)} of {len(classes)} classes have no {eval_name} image, so their accuracy "
-                f"is not measured: {', '.join(missing[:10])}" + (f" and {len(missing) - 10} more" if len(missing) > 10
-                                                                  else "")]
-    return []
+    empty = [f"{shown(c)} ({unreadable[k]} unreadable)" for k, c in enumerate(classes) if not n_train[k] + n_held[k]]
+    if empty:
+        raise DataSourceError(f"{name}: {len(empty)} of {len(classes)} classes have no usable image at all: "
+                              f"{_listed(empty)}. Remove the class (its folder or rows) or add images")
+    notes = []
+    untrained = [f"{shown(c)} ({n_held[k]} in {eval_name}, {unreadable[k]} unreadable)"
+                 for k, c in enumerate(classes) if not n_train[k]]
+    if untrained:
+        notes.append(f"WARNING: {len(untrained)} of {len(classes)} classes have no usable training image, so the "
+                     f"model never learns them and their {eval_name} images all count as errors: {_listed(untrained)}.")
+    unmeasured = [shown(c) for k, c in enumerate(classes) if not n_held[k]]
+    if held and unmeasured and eval_name != "split":
+        notes.append(f"WARNING: {len(unmeasured)} of {len(classes)} classes have no {eval_name} image, so their "
+                     f"accuracy is not measured: {_listed(unmeasured)}.")
+    return notes
 
 
 def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0, examples_per_class: int | None = None,
@@ -216,7 +232,7 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
             raise DataSourceError(f"{shown(str(source))}: {len(skipped)} unreadable image"
                                   f"{'s' * (len(skipped) != 1)} (strict mode refuses to train):\n{listed}")
         unreadable = Counter(i.label for i in _items(found.train, index)) - Counter(i.label for i in train)
-    notes = found.notes + _refuse_dead_classes(source, found.classes, train, held, unreadable, found.eval_name)
+    notes = found.notes + _check_classes(source, found.classes, train, held, unreadable, found.eval_name)
     why = ""
     if found.eval is None:
         train, held = stratified_split(train, val_fraction, seed if split_seed is None else split_seed)

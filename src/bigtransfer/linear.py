@@ -291,7 +291,7 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
         examples_per_class=c.examples_per_class, seed=c.seed, classes=splits.classes, resolution=size,
         model=c.model or model.arch.name, weights=c.weights, weights_sha256=digest,
         feature_dim=int(train.features.shape[1]),
-        feature_cache={"train": train.cache_hit, "eval": test.cache_hit},
+        feature_cache={"train": train.cache_hit, "eval": test.cache_hit}, **splits.class_counts(),
         skipped=[{"path": s.path, "reason": s.reason} for s in [*splits.skipped, *train.skipped, *test.skipped]],
         **confusion_report(eval_y, preds, n_classes),
         seconds={"data": t1 - t0, "features": t2 - t1, "fit": t3 - t2, "total": t3 - t0},

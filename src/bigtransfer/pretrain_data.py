@@ -66,7 +66,8 @@ class PretrainData:
         text = (f"{len(self.classes)} classes, {'multi' if self.multi_label else 'single'}-label "
                 f"({per_image:.2f} labels per image); train {len(self.train)} images, {held} {len(self.eval)}")
         if self.skipped:
-            text += f"; skipped {len(self.skipped)} unreadable: " + "; ".join(f"{s.path} ({s.reason})" for s in self.skipped)
+            text += f"; skipped {len(self.skipped)} unreadable: " + "; ".join(f"{shown(s.path)} ({s.reason})"
+                                                                             for s in self.skipped)
         return " ".join([text + ".", *self.notes])
 
 
@@ -326,6 +327,8 @@ def read_multi_label_manifest(path: str | Path, holdout: float = 0.05, seed: int
         raise DataSourceError(f"{p}: {len(classes)} class{'es' * (len(classes) != 1)} over all rows "
                               f"({', '.join(map(shown, classes)) or 'no row has a label'}); training needs at least 2")
     index = {c: i for i, c in enumerate(classes)}
+    trained = {lab for _, labs in rows["train"] for lab in labs}
+    untrained = [shown(c) for c in classes if c not in trained]
 
     def examples(part: str) -> list[Example]:
         return [Example(src, tuple(sorted({index[lab] for lab in labs}))) for src, labs in rows[part]]
@@ -337,6 +340,9 @@ def read_multi_label_manifest(path: str | Path, holdout: float = 0.05, seed: int
         notes.append(f"{p}: no val/test rows, held out {len(held)} of {len(rows['train'])} training rows")
     else:
         held = examples(eval_name)
+    if untrained:
+        notes.append(f"WARNING: {len(untrained)} classes occur only in val/test rows, never in training: "
+                     f"{', '.join(untrained[:10])}" + (f" and {len(untrained) - 10} more" if len(untrained) > 10 else ""))
     multi = any(len(e.labels) != 1 for e in train + held)
     return PretrainData(train, held, classes, multi, eval_name, notes=notes)
 

@@ -232,18 +232,12 @@ def _class_names(path: Path, names: np.ndarray) -> list[str]:
     return [str(n) for n in names]
 
 
-def _check_label_range(path: Path, labels: np.ndarray, ev_labels: np.ndarray | None, ev_key: str | None) -> None:
-    """Without class_names, labels are class indices: 0..K-1, every one with training examples.
+def _check_label_range(path: Path, labels: np.ndarray, ev_labels: np.ndarray | None) -> None:
+    """Without class_names, labels are class indices: 0..K-1, every one with examples.
 
     Checked before anything is sized by the largest label: one stray 100000 would otherwise make 100,001 classes.
     """
-    present = np.unique(labels)
-    if ev_key is not None:
-        stray = np.setdiff1d(np.unique(ev_labels), present)
-        if len(stray):
-            raise DataSourceError(f"{path}: {ev_key}_labels holds {len(stray)} label{'s' * (len(stray) != 1)} that no "
-                                  f"training example has ({_preview(stray)}); every evaluated class needs training "
-                                  "images")
+    present = np.unique(labels if ev_labels is None else np.concatenate([labels, ev_labels]))
     if present[-1] != len(present) - 1:
         raise DataSourceError(f"{path}: labels must be the class indices 0..K-1 with every class present; found "
                               f"{len(present)} distinct values from {present[0]} to {present[-1]} ({_preview(present)}),"
@@ -277,7 +271,7 @@ def _read_npz(path: Path) -> Found:
         raise DataSourceError(f"{path}: no training examples")
     top = int(max([labels.max(initial=-1)] + ([ev_labels.max(initial=-1)] if ev_key else [])))
     if names is None:
-        _check_label_range(path, labels, ev_labels, ev_key)
+        _check_label_range(path, labels, ev_labels)
         names = [str(i) for i in range(top + 1)]
     elif top >= len(names):
         raise DataSourceError(f"{path}: label {top} but only {len(names)} class_names")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Item
+from .paths import shown
 from .sources import DataSourceError, find_examples, natural_sorted
 
 GROUPS = ("natural", "specialized", "structured")
@@ -158,6 +159,12 @@ def read_task(folder: Path, task: VtabTask) -> TaskData:
         notes.append(f"{len(classes)} of {task.num_classes} classes occur in the files")
     index = {c: i for i, c in enumerate(classes)}
     splits = {s: [Item(p, index[c]) for p, c in found[s]] for s in SPLITS}
+    for train_split, eval_split in (("train800", "val200"), ("train800val200", "test")):
+        unseen = sorted({it.label for it in splits[eval_split]} - {it.label for it in splits[train_split]})
+        if unseen:
+            notes.append(f"{len(unseen)} classes of {eval_split} have no {train_split} example (their images count as "
+                         f"errors): {', '.join(shown(classes[k]) for k in unseen[:10])}"
+                         + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""))
     for split, expected in (("train800", 800), ("val200", 200), ("train800val200", 1000)):
         if len(splits[split]) != expected:
             notes.append(f"{split} has {len(splits[split])} examples (VTAB-1k uses {expected})")
