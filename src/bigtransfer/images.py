@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,9 @@ def open_rgb(path: str | os.PathLike | None = None, data: bytes | None = None) -
         raise ImageError(name, "no such file") from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(name, _too_large(str(e).split(" exceeds")[0])) from None
+    except Image.DecompressionBombError as e:  # Pillow's own check, at twice MAX_PIXELS, while reading the header
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageError(name, _too_large(f"{int(pixels[1]):,} pixels" if pixels else str(e))) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(name, f"cannot decode ({e})") from None
 
