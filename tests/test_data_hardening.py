@@ -157,7 +157,7 @@ def test_a_class_only_in_val_trains_with_a_loud_warning_and_true_counts(tmp_path
     assert "train: 6 images (0-3 per class; NONE of class c)" in text and "val: 3 images (0-2 per class; NONE of " \
         "class b)" in text
     assert "WARNING: 1 of 3 classes have no usable training image, so the model never learns them and their val " \
-        "images all count as errors: c (2 in val, 0 unreadable)" in text
+        "images all count as errors: c (2 in val, 1 unreadable)" in text
     assert "WARNING: 1 of 3 classes have no val image, so their accuracy is not measured: b." in text
     assert main(["finetune", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), *F]) == 0
     assert "WARNING: 1 of 3 classes have no usable training image" in capsys.readouterr().out
@@ -359,3 +359,15 @@ def test_vtab_notes_test_classes_that_training_never_sees(tmp_path):
     notes = read_vtab(tmp_path, tasks=["dtd"]).tasks[0].notes
     assert "1 classes of test have no train800val200 example (their images count as errors): dotted" in notes
     assert not any("of val200" in n for n in notes)
+
+
+def test_unused_test_rows_add_no_class_and_unreadable_val_images_are_counted(tmp_path):
+    _folder(tmp_path / "img", {"a": 3, "b": 3, "c": 2, "d": 1})
+    (tmp_path / "img" / "c" / "0.png").write_bytes(b"junk")
+    rows = ["path,label,split", *(f"img/{c}/{i}.png,{c},train" for c in "ab" for i in range(2)),
+            "img/a/2.png,a,val", "img/b/2.png,b,val", "img/c/0.png,c,val", "img/d/0.png,d,test"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataSourceError, match=r"1 of 3 classes have no usable image at all: c \(1 unreadable\)"):
+        load_splits(tmp_path / "m.csv")  # d (only in the untouched test rows) is no class of this run
+    (tmp_path / "m.csv").write_text("\n".join(rows[:-2] + rows[-1:]) + "\n")
+    assert load_splits(tmp_path / "m.csv").classes == ["a", "b"]

@@ -231,7 +231,8 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
             listed = "\n".join(f"  {shown(s.path)}: {s.reason}" for s in skipped)
             raise DataSourceError(f"{shown(str(source))}: {len(skipped)} unreadable image"
                                   f"{'s' * (len(skipped) != 1)} (strict mode refuses to train):\n{listed}")
-        unreadable = Counter(i.label for i in _items(found.train, index)) - Counter(i.label for i in train)
+        before = _items(found.train + (found.eval or []), index)
+        unreadable = Counter(i.label for i in before) - Counter(i.label for i in train + held)
     notes = found.notes + _check_classes(source, found.classes, train, held, unreadable, found.eval_name)
     why = ""
     if found.eval is None:

@@ -232,7 +232,7 @@ def train_batches(data: PretrainData | ShardData, size: int, global_batch: int, 
     shards = len(stream.index.shards)
     if shards < world_size * max(1, workers):
         raise DataSourceError(f"{data.train_root}: {shards} shard(s) cannot feed {world_size} process(es) x "
-                         f"{max(1, workers)} worker(s); write more, smaller shards or use fewer workers")
+                              f"{max(1, workers)} worker(s); write more, smaller shards or use fewer workers")
     epoch = start_step * global_batch // max(1, data.train_count)
     needed = (end_step - start_step) * batch_split
     while needed > 0:
@@ -246,8 +246,8 @@ def train_batches(data: PretrainData | ShardData, size: int, global_batch: int, 
             if needed == 0:
                 return
         if got == 0:
-            raise DataSourceError(f"{data.train_root}: process {rank} read no full micro-batch of {micro} in epoch {epoch}; "
-                             "use a smaller batch or more samples per shard")
+            raise DataSourceError(f"{data.train_root}: process {rank} read no full micro-batch of {micro} in epoch "
+                                  f"{epoch}; use a smaller batch or more samples per shard")
         epoch += 1
 
 

@@ -194,9 +194,10 @@ def _read_manifest(path: Path) -> Found:
     if not train:
         raise DataSourceError(f"{path}: no training rows")
     refuse_repeats(path, images)
-    classes = natural_sorted({c for _, c in train} | {c for rows in evals.values() for _, c in rows})
     notes, ignored = [], 0
     name = "val" if evals["val"] else ("test" if evals["test"] else "split")
+    # The classes of the rows used: test rows left untouched (beside val rows) add none.
+    classes = natural_sorted({c for _, c in train} | {c for _, c in evals.get(name, [])})
     if evals["val"] and evals["test"]:
         ignored = len(evals["test"])
         notes.append(f"{path}: has both val and test rows; evaluating on val, the {ignored} test rows left untouched")
