@@ -104,7 +104,7 @@ def test_end_to_end_writes_every_output_and_the_checkpoint_loads_back(folder, fi
     # through an independent evaluation path (images.load_for_eval, one image at a time).
     model = create_model("R14x0.5", pretrained=out / "checkpoint.safetensors").eval()
     assert model.labels == list(CLASSES) and model.num_classes == 3
-    state = torch.load(out / "state.pt", weights_only=False)["model"]
+    state = torch.load(out / "state.pt", weights_only=True)["model"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     held = load_splits(folder, seed=0).eval
@@ -136,7 +136,7 @@ def test_batch_split_gives_the_same_weights(folder, tmp_path):
     assert diff < 1e-5, diff
     # The body got gradients too (at step 3, once the head was no longer zero): its momentum is non-zero and
     # the same either way.
-    mom_a, mom_b = (torch.load(tmp_path / q / "state.pt", weights_only=False)["optimizer"]["state"] for q in ("q1", "q4"))
+    mom_a, mom_b = (torch.load(tmp_path / q / "state.pt", weights_only=True)["optimizer"]["state"] for q in ("q1", "q4"))
     body = [i for i, v in mom_a.items() if v["momentum_buffer"].dim() == 4]  # conv kernels
     assert min(float(mom_a[i]["momentum_buffer"].abs().max()) for i in body) > 0
     assert max(float((mom_a[i]["momentum_buffer"] - mom_b[i]["momentum_buffer"]).abs().max()) for i in mom_a) < 1e-5
@@ -214,7 +214,7 @@ def test_kill_and_resume_ends_with_identical_weights(folder, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_finetune(tiny(folder, tmp_path / "killed", **settings), on_step=kill_at_3)
-    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "killed" / "summary.json").exists()
     resumed = run_finetune(tiny(folder, tmp_path / "killed", **settings))
 
