@@ -1,5 +1,6 @@
-"""Downloads from a local HTTP server on 127.0.0.1: success, dropped connection, 404, offline, cache."""
+"""Downloads from a local HTTP server on 127.0.0.1: success, dropped connection, 404, offline, cache, bad bodies."""
 
+import hashlib
 import http.server
 import threading
 
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from bigtransfer import create_model
+from bigtransfer.checkpoints import CheckpointError
 from bigtransfer.registry import RELEASED
-from bigtransfer.zoo import DownloadError, cache_dir, fetch, read_labels, weights_file
+from bigtransfer.zoo import DownloadError, cache_dir, copy_into_cache, fetch, read_labels, weights_file
 
 from .bit_reference import random_authors_arrays, reference_logits
 
@@ -67,7 +69,8 @@ def test_fetch_downloads_once_and_caches(tmp_path, online):
         assert fetch(srv.url + "file.bin", dest, progress=False).read_bytes() == body
         assert fetch(srv.url + "file.bin", dest, progress=False) == dest
         assert srv.requests == ["file.bin"]  # the second call used the cache
-    assert [p.name for p in dest.parent.iterdir()] == ["file.bin"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin", "file.bin.sha256"]
+    assert (dest.parent / "file.bin.sha256").read_text().split()[0] == hashlib.sha256(body).hexdigest()
 
 
 def test_dropped_connection_leaves_no_partial_file(tmp_path, online):
@@ -120,3 +123,64 @@ def test_released_model_and_labels_through_a_mirror(tmp_path, online, monkeypatc
     with torch.no_grad():
         ref = reference_logits(arrays, x, 50)
         assert float((model.double()(x.double()) - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+HTML_ERROR_PAGE = b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body>proxy error</body></html>"
+
+
+@pytest.mark.parametrize("body", [bytes(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8)),
+                                  HTML_ERROR_PAGE], ids=["random-bytes", "html-error-page"])
+def test_a_bad_download_is_not_cached(tmp_path, online, monkeypatch, body):
+    with _Server({"BiT-M-R50x1.npz": body, "imagenet21k_wordnet_lemmas.txt": HTML_ERROR_PAGE}) as srv:
+        monkeypatch.setenv("BIGTRANSFER_BASE_URL", srv.url)
+        for _ in range(2):  # refused each time, downloaded afresh each time: nothing bad was kept
+            with pytest.raises(DownloadError, match=r"BiT-M-R50x1\.npz: the server sent something unusable as "
+                                                     r"BiT-M-R50x1\.npz \((not a zip archive).*nothing was cached"):
+                create_model("BiT-M-R50x1", progress=False)
+        with pytest.raises(DownloadError, match=r"an HTML or XML page"):
+            read_labels("imagenet21k", progress=False)
+        assert srv.requests.count("BiT-M-R50x1.npz") == 2
+    assert list(cache_dir().iterdir()) == []
+
+
+def test_a_known_sha256_must_match(tmp_path, online):
+    arrays = random_authors_arrays(14, 0.5, classes=3, seed=1)
+    np.savez(tmp_path / "src.npz", **arrays)
+    body = (tmp_path / "src.npz").read_bytes()
+    with _Server({"m.npz": body}) as srv:
+        with pytest.raises(DownloadError, match="sha256 .*expected 00ff"):
+            fetch(srv.url + "m.npz", tmp_path / "c" / "m.npz", progress=False, sha256="00ff")
+        assert not (tmp_path / "c" / "m.npz").exists()
+        good = hashlib.sha256(body).hexdigest()
+        assert fetch(srv.url + "m.npz", tmp_path / "c" / "m.npz", progress=False, sha256=good).read_bytes() == body
+
+
+def test_a_bad_cached_file_names_the_file_to_delete(tmp_path, online, monkeypatch):
+    # Placed by hand (or by an older version that cached anything): an HTML page under a checkpoint's name.
+    (tmp_path / "page.npz").write_bytes(HTML_ERROR_PAGE)
+    cached = copy_into_cache(tmp_path / "page.npz", "BiT-S-R50x1.npz")
+    with pytest.raises(DownloadError, match="the cached file is damaged") as e:
+        create_model("BiT-S-R50x1", progress=False)
+    assert f"delete it (rm '{cached}')" in str(e.value)
+    # A download whose bytes changed afterwards no longer matches the sha256 recorded beside it.
+    # (a small archive: the recorded digest is checked before the weights are parsed)
+    np.savez(tmp_path / "src.npz", **random_authors_arrays(14, 0.5, classes=10, seed=5))
+    with _Server({"BiT-M-R50x1-CIFAR10.npz": (tmp_path / "src.npz").read_bytes()}) as srv:
+        monkeypatch.setenv("BIGTRANSFER_BASE_URL", srv.url)
+        path = weights_file(RELEASED["BiT-M-R50x1-CIFAR10"], progress=False)
+    with open(path, "r+b") as f:  # flip bytes inside an array, leaving the zip directory intact
+        f.seek(path.stat().st_size // 2)
+        f.write(b"\x00" * 64)
+    with pytest.raises(DownloadError, match=r"sha256 differs from the one recorded") as e:
+        create_model("BiT-M-R50x1-CIFAR10", progress=False)
+    assert f"rm '{path}'" in str(e.value)
+
+
+def test_a_cached_file_that_parses_badly_names_the_file_to_delete(tmp_path):
+    arrays = random_authors_arrays(14, 0.5, classes=3, seed=1)
+    arrays["resnet/root_block/standardized_conv2d/kernel"] = np.zeros((7, 7, 3), np.float32)  # not 4-D
+    np.savez(tmp_path / "src.npz", **arrays)
+    cached = copy_into_cache(tmp_path / "src.npz", "BiT-S-R50x1.npz")
+    with pytest.raises(CheckpointError, match="4-D HWIO kernel") as e:
+        create_model("BiT-S-R50x1", progress=False)
+    assert f"rm '{cached}'" in str(e.value)

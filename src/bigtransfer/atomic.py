@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -10,25 +11,67 @@ from pathlib import Path
 
 from .errors import UserError
 
+# What torch's zip writer raises when the disk fills up under it (it reports no errno).
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed")
+
+
+class DiskFullError(UserError, OSError):
+    """An output could not be written for lack of space; the file it would have replaced is unchanged."""
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED)
+
+
+def _named(e: OSError, target: Path) -> OSError:
+    """The same kind of error, naming the destination instead of a temporary file beside it."""
+    return type(e)(e.errno, e.strerror or str(e), str(target)) if e.errno else e
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    Errors name `path`, not the temporary file; a full disk raises DiskFullError and leaves `path` as it was.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    except OSError as e:
+        raise _named(e, target) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp makes 0600 files (and writers may recreate them); give the result a plain open()'s permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, target)
+        try:
+            yield tmp_path
+            # mkstemp makes 0600 files (and writers may recreate them); give the result a plain open()'s permissions.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
+            os.replace(tmp_path, target)
+        except (OSError, RuntimeError) as e:
+            if _disk_full(e):
+                free = _free_space(target.parent)
+                raise DiskFullError(f"{target}: no space left on device ({free} free there); nothing was written, "
+                                    f"any earlier {target.name} is unchanged") from None
+            if isinstance(e, OSError) and e.filename == str(tmp_path):
+                raise _named(e, target) from None
+            raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _free_space(folder: Path) -> str:
+    """Free space on `folder`'s file system, for messages ('?' when it cannot be read)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return "?"
+    return f"{st.f_bavail * st.f_frsize / 1024**2:.1f} MiB"
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

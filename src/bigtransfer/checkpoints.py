@@ -15,13 +15,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
-from .models import DEPTHS, WS_EPS_PEERS, WS_EPS_RELEASE, Arch, ResNetV2
+from .checks import check_out_file
+from .errors import UserError
+from .models import DEPTHS, WS_EPS_PEERS, WS_EPS_RELEASE, Arch, ResNetV2, check_ws_eps
 
 FORMAT_TAG = "bigtransfer"
 State = dict[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
 
 
@@ -195,6 +197,31 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
 
 
+def meta_ws_eps(meta: Mapping[str, str], source: str | os.PathLike) -> float:
+    """The weight-standardization eps a checkpoint's metadata records (the release's when it records none)."""
+    raw = meta.get("ws_eps", repr(WS_EPS_RELEASE))
+    try:
+        return check_ws_eps(float(raw))
+    except (ValueError, TypeError):
+        raise CheckpointError(f"{source}: its metadata records ws_eps {raw!r}, not a finite positive number") from None
+
+
+def meta_labels(meta: Mapping[str, str], source: str | os.PathLike, num_classes: int) -> list[str] | None:
+    """The class names a checkpoint's metadata records (None when it records none), one per class."""
+    if "labels" not in meta:
+        return None
+    try:
+        labels = json.loads(meta["labels"])
+    except ValueError:
+        labels = None
+    if not isinstance(labels, list) or not all(isinstance(v, str) for v in labels):
+        raise CheckpointError(f"{source}: its metadata 'labels' is not a JSON list of class names")
+    if len(labels) != num_classes:
+        raise CheckpointError(f"{source}: its metadata names {len(labels)} classes, but the head has {num_classes}; "
+                              "rewrite it with 'bigtransfer convert --labels FILE'")
+    return labels
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[State, dict[str, str]]:
     """Read weights from .npz, .safetensors, or a torch state dict, as our state dict plus metadata."""
     p = Path(path)
@@ -263,6 +290,15 @@ def infer_arch(state: Mapping[str, torch.Tensor], source: str = "<state dict>") 
     raise CheckpointError(f"{source}: units per block {units} match no known depth ({sorted(DEPTHS)})")
 
 
+def check_finite(state: Mapping[str, torch.Tensor], source: str = "<state dict>", when: str = "") -> None:
+    """Refuse weights holding NaN or infinity: they would give NaN scores without any other sign."""
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        counts = [f"{k} ({int((~torch.isfinite(state[k])).sum())} of {state[k].numel()} values)" for k in bad]
+        raise CheckpointError(f"{source}: weights that are NaN or infinite{when} in {len(bad)} tensor(s): "
+                              f"{_short(counts)}")
+
+
 def load_state(model: ResNetV2, state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> None:
     """Copy a state dict into a model, strictly: any missing, extra or mis-shaped key is an error."""
     expected = model.state_dict()
@@ -285,6 +321,7 @@ def load_state(model: ResNetV2, state: Mapping[str, torch.Tensor], source: str =
         if shapes:
             parts.append(f"mis-shaped keys ({len(shapes)}): {_short(shapes)}")
         raise CheckpointError("\n  ".join(parts))
+    check_finite(state, source)
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(state[k])
@@ -310,6 +347,8 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: str | os.PathLike
     """Atomically write a state dict (optionally cast to `dtype`) with string metadata."""
     tensors = {k: (v.detach().to("cpu", dtype) if dtype is not None and v.is_floating_point()
                    else v.detach().cpu()).contiguous() for k, v in state.items()}
+    if dtype is not None:  # float16 overflows to infinity above 65504
+        check_finite(tensors, str(path), f" once stored as {str(dtype).removeprefix('torch.')}")
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
 
@@ -326,6 +365,7 @@ def save_checkpoint(model: ResNetV2, path: str | os.PathLike, dtype: torch.dtype
                     **metadata: object) -> Path:
     """Save a model as .safetensors with metadata, or as the authors' .npz when the path ends in .npz."""
     p = Path(path)
+    check_out_file(p, "the checkpoint")
     if p.suffix.lower() == ".npz":
         write_npz(model.state_dict(), p)
     else:

@@ -29,6 +29,7 @@ from .atomic import write_text
 from .corpus_fonts import Font, FontError, builtin_font, find_fonts, font_codepoints, open_font
 from .corpus_render import Shape, encode, render_view, signature
 from .corpus_sources import Candidate, emoji_candidates, glyph_candidates, icon_candidates, svg_renderer
+from .errors import UserError
 from .shards import ShardWriter, derive_seed
 
 SOURCES = ("icons", "emoji", "glyphs")
@@ -38,7 +39,7 @@ APT_PACKAGES = ("papirus-icon-theme", "adwaita-icon-theme", "librsvg2-bin", "fon
 APT_COMMAND = "apt-get update && apt-get install -y " + " ".join(APT_PACKAGES)
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError, RuntimeError):
     """A corpus that cannot be built as asked; the message says why and what to install or change."""
 
 

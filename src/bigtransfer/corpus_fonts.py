@@ -9,10 +9,12 @@ from pathlib import Path
 
 from PIL import ImageFont
 
+from .errors import UserError
+
 FONT_SUFFIXES = (".ttf", ".otf", ".ttc")
 
 
-class FontError(ValueError):
+class FontError(UserError):
     """A font file whose character map cannot be read; the message names the file."""
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from .errors import UserError
+
 
 @dataclass
 class Shape:
@@ -153,5 +155,5 @@ def encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
     elif fmt in ("jpg", "jpeg"):
         img.save(buf, "JPEG", quality=quality)
     else:
-        raise ValueError(f"image format must be png or jpg, not {fmt!r}")
+        raise UserError(f"image format must be png or jpg, not {fmt!r}")
     return buf.getvalue()

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import UserError
 from .images import ImageError, open_rgb
 from .paths import shown
 from .sampling import StepSampler, batch_indices, sample_seed
@@ -214,9 +215,9 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
     `workers` is the number of threads decoding images for the up-front check (0: automatic).
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if examples_per_class is not None and examples_per_class < 1:
-        raise ValueError(f"examples_per_class must be >= 1, got {examples_per_class}")
+        raise UserError(f"examples_per_class must be >= 1, got {examples_per_class}")
     found = find_examples(source)
     index = {c: i for i, c in enumerate(found.classes)}
     train = _items(found.train, index)
@@ -309,7 +310,7 @@ class ImageDataset(Dataset):
                 continue
             gen = torch.Generator().manual_seed(aug_seed) if aug_seed is not None else None
             return self.transform(img, gen), item.label
-        raise RuntimeError(f"none of the {n} images of this dataset can be read any more")
+        raise UserError(f"none of the {n} images of this dataset can be read any more")
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int | None = None, *,
@@ -322,7 +323,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     """
     workers = default_workers() if workers is None else workers
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise UserError(f"workers must be >= 0, got {workers}")
     common = dict(num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
     if workers > 0:

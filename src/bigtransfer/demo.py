@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_path
+from .errors import SetupError
 
 TEST_PER_CLASS = 30  # fixed test split: 300 images
 SPLIT_SEED = 0
@@ -69,7 +70,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise RuntimeError("the demo needs scikit-learn for its image set: pip install 'bigtransfer[demo]' "
+        raise SetupError("the demo needs scikit-learn for its image set: pip install 'bigtransfer[demo]' "
                            "(or scikit-learn)") from None
     d = load_digits()
     return d.images, d.target

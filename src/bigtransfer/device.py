@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .errors import SetupError, UserError
+
 # Training precisions: the autocast dtype each one runs the forward pass in (None = plain float32).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -22,22 +24,22 @@ def pick_device(name: str = "auto") -> torch.device:
     name = (name or "auto").lower()
     kind = name.split(":", 1)[0]
     if kind not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
+        raise UserError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)} (or cuda:N)")
     if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if _mps_available() else "cpu")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but this torch build sees no CUDA GPU")
+        raise SetupError(f"device {name!r} requested but this torch build sees no CUDA GPU")
     if kind == "mps" and not _mps_available():
-        raise RuntimeError("device 'mps' requested but Apple's Metal backend is not available here")
+        raise SetupError("device 'mps' requested but Apple's Metal backend is not available here")
     return torch.device(name)
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The dtype autocast runs in for a precision name ('fp32' -> None: no autocast)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .device import align_optimizer_state, with_own_update_kernel
+from .errors import SetupError, UserError
 
 # The variables torchrun sets for every process it starts.
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -43,27 +44,27 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer; start with torchrun") from None
+        raise SetupError(f"environment variable {name}={value!r} is not an integer; start with torchrun") from None
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group torchrun describes in the environment (NCCL on GPUs, Gloo on CPUs), or run alone."""
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device {device!r}: pre-training runs on 'cuda' or 'cpu' (or 'auto')")
+        raise UserError(f"device {device!r}: pre-training runs on 'cuda' or 'cpu' (or 'auto')")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but this torch build sees no CUDA GPU")
+        raise SetupError("device 'cuda' requested but this torch build sees no CUDA GPU")
     world = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
     if world <= 1:
         dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return DistEnv(device=dev)
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start the processes with torchrun")
+        raise SetupError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; start the processes with torchrun")
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+            raise SetupError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                                "start at most that many processes per node")
         torch.cuda.set_device(local_rank)
         dev, backend = torch.device("cuda", local_rank), "nccl"

@@ -7,6 +7,19 @@ around a call into the library keeps working.
 
 from __future__ import annotations
 
+# OS errors about a path the user gave (an --out that is a file, a missing input): shown as one line as well.
+USER_PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, FileExistsError, NotADirectoryError,
+                                               IsADirectoryError, PermissionError)
+
 
 class UserError(ValueError):
     """Bad input from the user: the message names the file or setting and what is wrong with it."""
+
+
+class SetupError(UserError, RuntimeError):
+    """This machine cannot do what the settings ask (no GPU, launcher variables missing, an optional package)."""
+
+
+def is_user_error(e: BaseException) -> bool:
+    """True for errors that the CLI reports as one line: UserError and OS errors about the user's paths."""
+    return isinstance(e, (UserError, *USER_PATH_ERRORS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from .checks import check_out_file
+from .errors import UserError
 from .fast import prepare_for_inference
 from .models import ResNetV2
 
@@ -32,7 +35,7 @@ NORMALIZING_OPS = frozenset({"ReduceMean", "Sqrt", "Reciprocal", "Pow", "Div", "
 _PROTOBUF_LIMIT = 2 * 1024**3
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that could not be written or did not reproduce the eager model; the message says why."""
 
 
@@ -190,7 +193,12 @@ def export(model: ResNetV2, path: str | os.PathLike, fmt: str, dynamic_batch: bo
            opset: int = DEFAULT_OPSET, rtol: float = DEFAULT_RTOL, sizes: Sizes = CHECK_SIZES) -> ExportCheck:
     """Export `model` to `path` as 'onnx' or 'torchscript', verify it, and only then move it into place."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not (math.isfinite(rtol) and rtol >= 0):
+        raise UserError(f"rtol must be a finite number >= 0, got {rtol!r}")
+    if fmt == "onnx" and opset not in OPSETS:
+        raise ExportError(f"{path}: opset {opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
+    check_out_file(path)  # before the work: a directory or unwritable folder is refused by its name
     model = _reference(model)
     module = folded_module(model)
     target = Path(path)

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .checkpoints import CheckpointError, infer_arch, load_state, read_checkpoint
-from .models import WS_EPS_RELEASE, ResNetV2
+from .checkpoints import CheckpointError, infer_arch, load_state, meta_labels, meta_ws_eps, read_checkpoint
+from .models import WS_EPS_RELEASE, ResNetV2, check_num_classes, check_ws_eps
 from .registry import resolve
-from .zoo import weights_file
+from .zoo import cached_file_hint, weights_file
 
 Pretrained = bool | str | os.PathLike | None
+
+
+def _check_arguments(name: object, num_classes: object, pretrained: object, ws_eps: object) -> None:
+    """Refuse wrong types before anything is built or downloaded (pretrained=1 once meant random weights)."""
+    if not isinstance(name, str):
+        raise TypeError(f"create_model needs a model name (a str such as 'BiT-M-R50x1' or 'R50x1'), got {name!r}")
+    if num_classes is not None:
+        check_num_classes(num_classes)
+    if pretrained is not None and not isinstance(pretrained, bool | str | os.PathLike):
+        raise TypeError(f"pretrained must be True, False, None or a checkpoint path, got {pretrained!r}")
+    if ws_eps is not None:
+        check_ws_eps(ws_eps)
 
 
 def create_model(name: str, num_classes: int | None = None, pretrained: Pretrained = None,
@@ -21,33 +32,42 @@ def create_model(name: str, num_classes: int | None = None, pretrained: Pretrain
     `pretrained`: a checkpoint path; True to require the name's released or bundled weights;
     False for random weights; None (default) loads the name's weights when it has any.
     `num_classes`: None keeps the checkpoint's (or the name's) head; another number gives a new
-    head initialised to exactly zero.
+    head initialised to exactly zero; 0 gives no head (forward returns the pooled pre-logits).
     """
+    _check_arguments(name, num_classes, pretrained, ws_eps)
     info = resolve(name)
     path: Path | None = None
+    downloaded = False
     if isinstance(pretrained, str | os.PathLike):
         path = Path(pretrained)
     elif pretrained is True or (pretrained is None and info.has_weights):
         if not info.has_weights:
-            raise ValueError(f"{name} has no released weights; pass pretrained=<path> or pretrained=False")
+            raise CheckpointError(f"{name} has no released weights; pass pretrained=<path> or pretrained=False")
         path = weights_file(info, progress=progress)
+        downloaded = info.path is None
 
     if path is None:
-        return ResNetV2(info.arch, num_classes or info.num_classes,
+        return ResNetV2(info.arch, info.num_classes if num_classes is None else num_classes,
                         ws_eps=WS_EPS_RELEASE if ws_eps is None else ws_eps)
+    try:
+        return _from_checkpoint(name, info.arch, path, num_classes, ws_eps)
+    except CheckpointError as e:
+        if downloaded:  # a damaged download must not fail the same way forever
+            raise CheckpointError(f"{e}\n  {cached_file_hint(path)}") from None
+        raise
 
+
+def _from_checkpoint(name: str, want, path: Path, num_classes: int | None, ws_eps: float | None) -> ResNetV2:
     state, meta = read_checkpoint(path)
     arch = infer_arch(state, str(path))
-    if arch != info.arch:
-        raise CheckpointError(f"{path} holds an {arch.name}, but model {name!r} is an {info.arch.name}")
-    if "head.weight" not in state:
-        raise CheckpointError(f"{path}: missing the classifier head (head.weight, head.bias)")
-    ckpt_classes = int(state["head.weight"].shape[0])
-    eps = ws_eps if ws_eps is not None else float(meta.get("ws_eps", WS_EPS_RELEASE))
+    if arch != want:
+        raise CheckpointError(f"{path} holds an {arch.name}, but model {name!r} is an {want.name}")
+    # A checkpoint without a head holds features only (saved from a num_classes=0 model).
+    ckpt_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
+    eps = ws_eps if ws_eps is not None else meta_ws_eps(meta, path)
     model = ResNetV2(arch, ckpt_classes, ws_eps=eps)
     load_state(model, state, str(path))
-    if "labels" in meta:
-        model.labels = json.loads(meta["labels"])
+    model.labels = meta_labels(meta, path, model.num_classes)
     if num_classes is not None and num_classes != ckpt_classes:
         model.reset_head(num_classes, zero_init=True)
     return model

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from .errors import UserError
 from .models import PlainConv2d, ResNetV2, StdConv2d
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -102,7 +103,7 @@ class InferenceModel(nn.Module):
         if not isinstance(model, ResNetV2):
             raise TypeError(f"prepare_for_inference needs a bigtransfer ResNetV2, not {type(model).__name__}")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.precision = precision
         self.dtype = PRECISIONS[precision]
         # Channels-last: oneDNN's convolutions and max-pool measured 1.3-2x faster than NCHW on this model

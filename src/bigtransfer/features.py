@@ -97,6 +97,8 @@ def _read_cache(path: Path, n_files: int) -> tuple[np.ndarray, np.ndarray, list[
         return None
     if len(kept) and (kept.min() < 0 or kept.max() >= n_files or np.any(np.diff(kept) <= 0)):
         return None  # rows that would index the wrong files (or none): recompute rather than trust them
+    if not np.isfinite(feats).all():  # features of finite weights are finite: this entry was tampered with
+        return None
     return feats, kept.astype(np.int64), skipped
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .atomic import write_text
 from .checks import check_out_folder, check_positive
+from .errors import UserError
 from .metrics import Evaluation, JsonlLogger, read_jsonl, to_json
 from .paths import name_bytes
 
@@ -90,7 +91,7 @@ class FinetuneConfig:
         return c
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The run directory holds something that this run must not resume or overwrite."""
 
 
@@ -104,23 +105,23 @@ def _check_config(c: FinetuneConfig) -> None:
     check_positive("batch", c.batch)
     check_positive("batch-split", c.batch_split)
     if c.batch % c.batch_split:
-        raise ValueError(f"batch {c.batch} is not divisible by batch-split {c.batch_split}")
+        raise UserError(f"batch {c.batch} is not divisible by batch-split {c.batch_split}")
     if c.workers is not None and (isinstance(c.workers, bool) or not isinstance(c.workers, int) or c.workers < 0):
-        raise ValueError(f"workers must be 0 or more, got {c.workers!r}")
+        raise UserError(f"workers must be 0 or more, got {c.workers!r}")
     if c.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
     if c.variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {c.variant!r}")
+        raise UserError(f"variant must be one of {', '.join(VARIANTS)}, got {c.variant!r}")
     if c.resolution is not None:
         if len(c.resolution) != 2:
-            raise ValueError(f"resolution must be two numbers PRECROP CROP, got {c.resolution!r}")
+            raise UserError(f"resolution must be two numbers PRECROP CROP, got {c.resolution!r}")
         precrop, crop = c.resolution
         if not (1 <= crop <= precrop):
-            raise ValueError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
+            raise UserError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
     if not (isinstance(c.val_fraction, int | float) and 0.0 < c.val_fraction < 1.0):
-        raise ValueError(f"val-fraction must be between 0 and 1, got {c.val_fraction!r}")
+        raise UserError(f"val-fraction must be between 0 and 1, got {c.val_fraction!r}")
     if not (isinstance(c.base_lr, int | float) and math.isfinite(c.base_lr) and c.base_lr > 0):
-        raise ValueError(f"base lr must be a positive number, got {c.base_lr!r}")
+        raise UserError(f"base lr must be a positive number, got {c.base_lr!r}")
     if not Path(c.data).expanduser().exists():
         raise FileNotFoundError(f"{c.data}: no such data folder or file")
     if c.weights is not None and not Path(c.weights).expanduser().is_file():
@@ -381,7 +382,6 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     printer = _Printer(c)
     say = printer.say
     resume = _prepare_run_dir(c)
-    out.mkdir(parents=True, exist_ok=True)
 
     from .data import (
         DataSourceError,
@@ -394,6 +394,8 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     )
     from .device import describe, grad_scaler, pick_device, sgd, training_layout
     from .hyperrule import make_plan
+    from .memory import check_training
+    from .registry import resolve
     from .runstate import load_run_state, save_run_state
 
     splits = load_splits(c.data, val_fraction=c.val_fraction, seed=c.seed, examples_per_class=c.examples_per_class,
@@ -410,6 +412,9 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
         say(f"  augmentation: {off} turned off for this run" + ("" if c.crop else
             f"; training images are squashed straight to {plan.crop}x{plan.crop}"))
     device = pick_device(c.device)
+    micro = c.batch // c.batch_split
+    check_training(resolve(c.model).arch, len(splits.classes), plan.crop, micro, what=f"fine-tuning {c.model}",
+                   checkpointing=c.grad_checkpointing, precision=c.precision, device=device)
     model, origin = _build_model(c, splits.classes, say)
     model.to(device, memory_format=training_layout(device, c.channels_last)).train()
     model.set_grad_checkpointing(c.grad_checkpointing)
@@ -418,7 +423,6 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     fingerprint = _fingerprint(splits)
     eval_every = c.eval_every or max(1, plan.end // EVALS_PER_RUN)
     save_every = c.save_every or eval_every
-    micro = c.batch // c.batch_split
 
     start, extra = 0, {}
     if resume:
@@ -433,6 +437,8 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
         say(f"resuming {out} from step {start} of {plan.end}")
 
     settings = _settings(c)
+    # Created only now, once data, plan and model are good: a run refused before this leaves no empty folder.
+    out.mkdir(parents=True, exist_ok=True)
     _write_config(out / "config.json", settings, plan, splits, fingerprint,
                   {"eval_every": eval_every, "save_every": save_every, "micro_batch": micro, "device": str(device),
                    "start": origin})
@@ -494,7 +500,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
                 torch.cuda.synchronize(device)  # so the compute time below is the GPU's, not the launch queue's
             t1 = time.perf_counter()
             if not math.isfinite(loss) and scaler is None:
-                raise RuntimeError(f"the training loss became {loss} at step {step}; try a lower --base-lr or fp32")
+                raise UserError(f"the training loss became {loss} at step {step}; try a lower --base-lr or fp32")
             counters["wait_s"] += waited[0]
             counters["compute_s"] += t1 - t0 - waited[0]
             counters["train_images"] += c.batch

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .checks import check_positive
+from .errors import UserError
 
 Variant = Literal["release", "paper"]
 VARIANTS: tuple[str, ...] = ("release", "paper")
@@ -45,7 +46,7 @@ _ARCH_IN_NAME = re.compile(r"R(\d+)x(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown HyperRule variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        raise UserError(f"unknown HyperRule variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
 def _size_class(n_examples: int) -> str:
@@ -65,7 +66,7 @@ def resolution(image_size: tuple[int, int], variant: Variant = "release", arch: 
     _check_variant(variant)
     h, w = image_size
     if h < 1 or w < 1:
-        raise ValueError(f"image size must be positive, got {h}x{w}")
+        raise UserError(f"image size must be positive, got {h}x{w}")
     if h * w < SMALL_AREA:
         return (160, 128)
     if variant == "paper" and not _is_r152x4(arch):
@@ -129,6 +130,14 @@ def piecewise_lr(step: int, warmup: int, boundaries: tuple[int, ...], end: int, 
     if step < warmup:
         return peak * step / warmup
     return peak / 10 ** sum(1 for b in boundaries if b < step)
+
+
+def idle_warning(warmup: int, end: int) -> str | None:
+    """A warning when a schedule updates at lr 0 only (one step, and that one the first of the warmup)."""
+    if end == 1 and warmup > 0:
+        return ("warning: the only update is the first warm-up step, whose lr is 0: this run changes no weight; "
+                "give more steps")
+    return None
 
 
 def lr_at(step: int, n_examples: int, base_lr: float = BASE_LR, variant: Variant = "release",
@@ -209,7 +218,8 @@ class Plan:
         epochs = self.images_seen / self.n_examples
         lines.append(f"  total: {self.end:,} steps x {self.batch} = {self.images_seen:,} images seen "
                      f"({epochs:,.1f} passes over the training set)")
-        return "\n".join(lines)
+        idle = idle_warning(self.warmup, self.end)
+        return "\n".join(lines + ([idle] if idle else []))
 
 
 def make_plan(n_examples: int, image_size: tuple[int, int], batch: int = REFERENCE_BATCH, steps: int | None = None,
@@ -217,12 +227,12 @@ def make_plan(n_examples: int, image_size: tuple[int, int], batch: int = REFEREN
               resolution_override: tuple[int, int] | None = None) -> Plan:
     """The complete HyperRule plan for a training set of n_examples images of size (h, w)."""
     if not (isinstance(base_lr, (int, float)) and math.isfinite(base_lr) and base_lr > 0):
-        raise ValueError(f"base lr must be a positive number, got {base_lr!r}")
+        raise UserError(f"base lr must be a positive number, got {base_lr!r}")
     warmup, d1, d2, d3, end = schedule(n_examples, variant, batch, steps)
     if resolution_override is not None:
         precrop, crop = (int(v) for v in resolution_override)
         if crop < 1 or precrop < crop:
-            raise ValueError(f"resolution must satisfy 1 <= crop <= precrop, got precrop {precrop}, crop {crop}")
+            raise UserError(f"resolution must satisfy 1 <= crop <= precrop, got precrop {precrop}, crop {crop}")
     else:
         precrop, crop = resolution(image_size, variant, arch)
     return Plan(precrop=precrop, crop=crop, warmup=warmup, boundaries=(d1, d2, d3), end=end, base_lr=float(base_lr),

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from .errors import UserError
+
 # Suffixes treated as images when scanning folders (anything else is ignored and counted).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 # The most pixels an image may have: a larger one is named and skipped like any unreadable image, from its header
@@ -22,7 +24,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image that cannot be decoded; str() gives the path and the reason."""
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:

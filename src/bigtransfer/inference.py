@@ -12,12 +12,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoints import infer_arch, read_checkpoint, read_metadata
+from .checkpoints import CheckpointError, infer_arch, read_checkpoint, read_metadata
 from .data import Skipped, default_workers
 from .device import pick_device
+from .errors import UserError
 from .factory import create_model
 from .fast import prepare_for_inference
 from .images import ImageError, is_image_path, open_rgb
+from .memory import check_fits, inference_bytes
 from .models import ResNetV2
 from .registry import resolve
 from .sources import is_npz_row, npz_row
@@ -80,11 +82,16 @@ def load_model(name: str | None, weights: str | os.PathLike | None) -> ResNetV2:
         if name is None:
             meta = read_metadata(path) if path.suffix.lower() == ".safetensors" and path.is_file() else {}
             name = meta.get("arch") or infer_arch(read_checkpoint(path)[0], str(path)).name
+            try:
+                resolve(name)
+            except UserError as e:
+                raise CheckpointError(f"{path}: its metadata names the architecture {name!r}, which is not one "
+                                      f"this version knows ({e}); pass --model to say which it is") from None
         return create_model(name, pretrained=path)
     if name is None:
-        raise ValueError("give --model NAME, --weights PATH, or both")
+        raise UserError("give --model NAME, --weights PATH, or both")
     if not resolve(name).has_weights:
-        raise ValueError(f"{name} has no weights of its own; pass --weights PATH (a checkpoint of this architecture)")
+        raise UserError(f"{name} has no weights of its own; pass --weights PATH (a checkpoint of this architecture)")
     return create_model(name)
 
 
@@ -142,7 +149,9 @@ def iter_image_batches(files: Sequence[str | os.PathLike], size: int, batch_size
                        ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(indices, images) batches of the decodable files, decoded in parallel worker processes, in input order."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise UserError(f"workers must be 0 or more, got {workers}")
     # Worker processes decode in parallel; a single file is not worth starting one.
     workers = (0 if len(files) <= 1 else min(default_workers(), len(files))) if workers is None else workers
     loader = DataLoader(_ImageFiles(files, size), batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -161,6 +170,9 @@ def _run(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, feature
          workers: int | None, precision: str, device: str, progress: bool,
          on_skip: Callable[[Skipped], None] | None) -> tuple[list[int], torch.Tensor | None, list[Skipped]]:
     dev = pick_device(device)
+    batch = min(batch_size, max(1, len(files)))
+    check_fits(inference_bytes(model.arch, model.num_classes, size, batch),
+               f"{model.arch.name} on {size}x{size} px in batches of {batch}", "lower --resolution or --batch", dev)
     fast = prepare_for_inference(model.to(dev), precision=precision)
     skipped: list[Skipped] = []
 
@@ -187,7 +199,7 @@ def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: int
                   on_skip: Callable[[Skipped], None] | None = None) -> tuple[list[Prediction], list[Skipped]]:
     """Top-k classes with softmax scores for every decodable file, and the files that were skipped."""
     if top_k < 1:
-        raise ValueError(f"top-k must be at least 1, got {top_k}")
+        raise UserError(f"top-k must be at least 1, got {top_k}")
     kept, logits, skipped = _run(model, files, size, False, batch_size, workers, precision, device, progress, on_skip)
     if logits is None:
         return [], skipped

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 # L2 strengths tried on the validation split (objective: mean cross-entropy + l2/2 * ||W||^2, standardized features).
 L2_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_L2 = 1e-3  # used when the training set is too small to hold out a validation split
@@ -171,7 +173,7 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, query_x: np.ndarray, n
     train_y = np.asarray(train_y, dtype=np.int64)
     _check_xy(np.asarray(train_x), train_y, num_classes)
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise UserError(f"k must be at least 1, got {k}")
     k = min(k, len(train_y))
     bank = F.normalize(torch.as_tensor(np.asarray(train_x), dtype=torch.float64), dim=1)
     labels = torch.as_tensor(train_y)
@@ -218,15 +220,15 @@ class FrozenEvalConfig:
     def check(self) -> None:
         """Raise ValueError for a setting that cannot work."""
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+            raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("examples_per_class", "resolution"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v}")
+                raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {v}")
         if self.k < 1 or self.batch < 1:
-            raise ValueError(f"k and batch must be positive, got k={self.k}, batch={self.batch}")
+            raise UserError(f"k and batch must be positive, got k={self.k}, batch={self.batch}")
         if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+            raise UserError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
 def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print) -> dict:
@@ -248,6 +250,8 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
         if getattr(c, name) is not None:
             setattr(c, name, str(Path(getattr(c, name)).expanduser().absolute()))
     check_out_folder(c.out)
+    if c.cache is not None and c.use_cache:
+        check_out_folder(c.cache, flag="--cache")
     out = Path(c.out)
     t0 = time.perf_counter()
     # The evaluation split must not move with the few-shot seed, so it is drawn with a fixed split seed.

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_text
+from .errors import UserError
 from .paths import shown
 
 # The full (C, C) confusion matrix is kept up to this many classes (a plot of it is still legible, its JSON small);
@@ -147,7 +148,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{p}: line {i + 1} is not JSON") from None
+            raise UserError(f"{p}: line {i + 1} is not JSON") from None
     return records
 
 

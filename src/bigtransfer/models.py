@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .errors import UserError
 from .gemmconv import conv2d
+from .memory import check_fits, parameter_count
 
 # The authors' release standardizes with eps 1e-10; timm and HF transformers use 1e-8.
 WS_EPS_RELEASE = 1e-10
@@ -59,13 +62,30 @@ def parse_arch(name: str) -> Arch:
     """Parse an architecture name such as 'R50x1' or 'R26x0.5'."""
     m = _ARCH_RE.match(name)
     if not m:
-        raise ValueError(f"not an architecture name: {name!r} (expected R<depth>x<width>, e.g. R50x1)")
+        raise UserError(f"not an architecture name: {name!r} (expected R<depth>x<width>, e.g. R50x1)")
     depth, width = int(m.group(1)), float(m.group(2))
     if depth not in DEPTHS:
-        raise ValueError(f"unknown depth {depth} in {name!r}; choose one of {sorted(DEPTHS)}")
+        raise UserError(f"unknown depth {depth} in {name!r}; choose one of {sorted(DEPTHS)}")
     if width <= 0 or (width * 2) != int(width * 2):
-        raise ValueError(f"width in {name!r} must be a positive multiple of 0.5")
+        raise UserError(f"width in {name!r} must be a positive multiple of 0.5")
     return Arch(depth, width)
+
+
+def check_ws_eps(eps: object) -> float:
+    """The weight-standardization eps as a float; refuse what is not a finite positive number."""
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not (math.isfinite(eps) and eps > 0):
+        # A zero, negative or NaN eps makes a constant kernel (or every kernel) standardize to NaN.
+        raise UserError(f"ws_eps must be a finite positive number, got {eps!r}")
+    return float(eps)
+
+
+def check_num_classes(num_classes: object) -> int:
+    """Refuse a class count that is not an int >= 0 (0: features only, no head); bools and strings are refused."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an int >= 0 (0: no head), got {num_classes!r}")
+    if num_classes < 0:
+        raise UserError(f"num_classes must be >= 0 (0: no head), got {num_classes}")
+    return num_classes
 
 
 class StdConv2d(nn.Conv2d):
@@ -163,12 +183,22 @@ class Root(nn.Module):
 
 
 class ResNetV2(nn.Module):
-    """BiT ResNet-v2: root, four pre-activation stages, GN+ReLU+pool+1x1-conv head."""
+    """BiT ResNet-v2: root, four pre-activation stages, GN+ReLU+pool+1x1-conv head.
+
+    `num_classes=0` builds no head (as timm does): forward() then returns the pooled pre-logits.
+    Input: float (N, 3, H, W) images in [-1, 1]; a floating dtype other than the weights' is cast to theirs,
+    integer images (uint8 pixels) are refused, since their scale is not the model's.
+    """
 
     def __init__(self, arch: Arch | str, num_classes: int = 1000, ws_eps: float = WS_EPS_RELEASE,
                  zero_head: bool = True) -> None:
         super().__init__()
         self.arch = parse_arch(arch) if isinstance(arch, str) else arch
+        check_num_classes(num_classes)
+        ws_eps = check_ws_eps(ws_eps)
+        params = parameter_count(self.arch, num_classes)  # before allocating: R14x1000 would not fit anywhere
+        check_fits(4 * params, f"{self.arch.name} with {num_classes} classes ({params:,} parameters)",
+                   "choose a smaller width or depth")
         self.ws_eps = ws_eps
         self.labels: list[str] | None = None
         w = self.arch.width
@@ -187,7 +217,7 @@ class ResNetV2(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.stages[0][0].precise_norm1 = True
         self.norm = _gn(cin)
-        self.head = nn.Conv2d(cin, num_classes, 1, bias=True)
+        self.head: nn.Conv2d | None = nn.Conv2d(cin, num_classes, 1, bias=True) if num_classes else None
         self.grad_checkpointing = False
         self._init_weights(zero_head)
 
@@ -195,26 +225,42 @@ class ResNetV2(nn.Module):
         for m in self.modules():
             if isinstance(m, StdConv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if zero_head:
+        if zero_head and self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
     @property
     def num_classes(self) -> int:
-        return self.head.out_channels
+        return self.head.out_channels if self.head is not None else 0
 
     @property
     def feature_dim(self) -> int:
-        return self.head.in_channels
+        return self.norm.num_channels
 
     def reset_head(self, num_classes: int, zero_init: bool = True) -> None:
-        """Replace the classifier with a new one of `num_classes` outputs (zeros by default)."""
-        ref = self.head.weight
-        self.head = nn.Conv2d(self.feature_dim, num_classes, 1, bias=True).to(ref.device, ref.dtype)
-        if zero_init:
+        """Replace the classifier with a new one of `num_classes` outputs (zeros by default; 0: no head)."""
+        check_num_classes(num_classes)
+        ref = self.norm.weight
+        self.head = nn.Conv2d(self.feature_dim, num_classes, 1, bias=True).to(ref.device, ref.dtype) \
+            if num_classes else None
+        if zero_init and self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         self.labels = None
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` checked to be a batch of RGB images, in the weights' floating dtype."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise UserError(f"{self.arch.name} takes (N, 3, H, W) images, got {shape}")
+        dtype = self.root.conv.weight.dtype
+        if x.dtype != dtype:
+            if not x.is_floating_point():
+                raise TypeError(f"{self.arch.name} takes float images in [-1, 1], got {x.dtype}; "
+                                "convert 0..255 pixels with x.float() / 127.5 - 1")
+            if not torch.is_autocast_enabled(x.device.type):  # autocast chooses each op's dtype itself
+                x = x.to(dtype)
+        return x
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each unit's activations in backward instead of keeping them (less memory, more compute)."""
@@ -231,14 +277,14 @@ class ResNetV2(nn.Module):
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps after the root and after each of the four stages (strides 4, 4, 8, 16, 32)."""
-        feats = [self.root(x)]
+        feats = [self.root(self._input(x))]
         for stage in self.stages:
             feats.append(self._stage(stage, feats[-1]))
         return feats
 
     def forward_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Final normalized, activated feature map (N, 2048*w, H/32, W/32)."""
-        y = self.root(x)
+        y = self.root(self._input(x))
         for stage in self.stages:
             y = self._stage(stage, y)
         return F.relu(self.norm(y), inplace=True)
@@ -248,7 +294,9 @@ class ResNetV2(nn.Module):
         return self.forward_maps(x).mean(dim=(2, 3))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from pooled pre-logits."""
+        """Logits from pooled pre-logits (the pre-logits themselves when the model has no head)."""
+        if self.head is None:
+            return features
         return self.head(features[:, :, None, None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +306,6 @@ class ResNetV2(nn.Module):
 def count_parameters(model: nn.Module, include_head: bool = True) -> int:
     """Number of parameters, optionally without the classifier head."""
     total = sum(p.numel() for p in model.parameters())
-    if not include_head and isinstance(model, ResNetV2):
+    if not include_head and isinstance(model, ResNetV2) and model.head is not None:
         total -= sum(p.numel() for p in model.head.parameters())
     return total

@@ -46,8 +46,10 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed as dist_utils
 from .atomic import write_text
+from .checks import check_out_folder
 from .device import autocast, sgd, training_layout
-from .hyperrule import piecewise_lr
+from .errors import UserError, is_user_error
+from .hyperrule import idle_warning, piecewise_lr
 from .metrics import JsonlLogger, read_jsonl, to_json
 from .models import ResNetV2
 
@@ -120,14 +122,14 @@ class PretrainConfig:
     def preset_info(self) -> Preset:
         """The Preset this config names."""
         if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[self.preset]
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
         self.preset_info()
         if self.epochs is not None and self.steps is not None:
-            raise ValueError("give --epochs or --steps, not both")
+            raise UserError("give --epochs or --steps, not both")
         checks = [("batch", self.batch, 1), ("batch_split", self.batch_split, 1), ("resolution", self.resolution, 32),
                   ("steps", self.steps, 1), ("warmup_steps", self.warmup_steps, 0), ("eval_every", self.eval_every, 1),
                   ("save_every", self.save_every, 1), ("log_every", self.log_every, 1), ("workers", self.workers, 0),
@@ -135,17 +137,22 @@ class PretrainConfig:
                   ("stop_after", self.stop_after, 1)]
         for name, value, least in checks:
             if value is not None and (not isinstance(value, int) or value < least):
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+                raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
+            raise UserError(f"epochs must be positive, got {self.epochs}")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise UserError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
+        check_out_folder(self.out, "a run directory")
         if not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"holdout must be between 0 and 1, got {self.holdout}")
+            raise UserError(f"holdout must be between 0 and 1, got {self.holdout}")
         from .registry import resolve
 
         resolve(self.model)  # raises a ValueError listing the known names
@@ -182,9 +189,10 @@ class Plan:
 
     def describe(self) -> str:
         """One paragraph for the log."""
+        idle = idle_warning(self.warmup, self.steps)
         return (f"{self.steps} updates x batch {self.batch} = {self.epochs:.2f} epochs of {self.examples} images at "
                 f"{self.resolution} px; lr {self.peak_lr:.4g}, warmup {self.warmup}, x0.1 after updates "
-                f"{', '.join(map(str, self.boundaries))}")
+                f"{', '.join(map(str, self.boundaries))}" + (f"\n{idle}" if idle else ""))
 
 
 def make_plan(config: PretrainConfig, examples: int) -> Plan:
@@ -253,22 +261,27 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 def _main_first(env: dist_utils.DistEnv, fn: Callable[[], Any]) -> Any:
     """fn() on rank 0, its result (or its error) on every rank, so a bad input stops all processes at once."""
     result: tuple[bool, Any] = (True, None)
+    error: BaseException | None = None
     if env.is_main:
         try:
             result = (True, fn())
-        except (ValueError, FileNotFoundError, RuntimeError) as e:
-            result = (False, f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e))
+        except Exception as e:
+            error = e
+            result = (False, (is_user_error(e), str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
     ok, value = dist_utils.broadcast_object(result)
-    if not ok:
-        raise ValueError(value)
-    return value
+    if ok:
+        return value
+    if error is not None:
+        raise error  # rank 0 keeps the original exception and its traceback
+    user, message = value
+    raise (UserError if user else RuntimeError)(f"rank 0 stopped: {message}")
 
 
 def _check_resumable(saved: dict[str, Any], config: PretrainConfig, path: Path) -> None:
     changed = [f"{f.name} (saved {saved.get(f.name)!r}, now {getattr(config, f.name)!r})" for f in fields(config)
                if f.name not in RESUMABLE_CHANGES and f.name in saved and saved[f.name] != getattr(config, f.name)]
     if changed:
-        raise ValueError(f"{path} belongs to a run with other settings: {'; '.join(changed)}. Resume with the same "
+        raise UserError(f"{path} belongs to a run with other settings: {'; '.join(changed)}. Resume with the same "
                          "settings (only the number of processes, batch split, FSDP/checkpointing, workers and "
                          "logging may change) or choose another --out")
 
@@ -331,7 +344,9 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
 
     from .checkpoints import load_state, save_checkpoint
     from .factory import create_model
+    from .memory import check_training
     from .pretrain_data import eval_batches, load_pretrain_data, train_batches
+    from .registry import resolve
     from .runstate import load_run_state, save_run_state
 
     out = Path(config.out)
@@ -339,8 +354,12 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
     data = _main_first(env, lambda: load_pretrain_data(config.data, config.holdout, config.seed, config.check_images))
     plan = make_plan(config, data.train_count)
     if plan.batch % (env.world_size * config.batch_split):
-        raise ValueError(f"batch {plan.batch} does not split into {env.world_size} processes x {config.batch_split} "
+        raise UserError(f"batch {plan.batch} does not split into {env.world_size} processes x {config.batch_split} "
                          f"micro-batches; choose a batch divisible by {env.world_size * config.batch_split}")
+    micro = plan.batch // env.world_size // config.batch_split
+    check_training(resolve(config.model).arch, len(data.classes), plan.resolution, micro,
+                   what=f"pre-training {config.model}", checkpointing=config.grad_checkpointing,
+                   precision=config.precision, shards=env.world_size if config.fsdp else 1, device=env.device)
     metric_name = "precision@1" if data.multi_label else "top-1"
     log(f"data: {data.summary()}")
     log(f"plan: {plan.describe()}; {env.world_size} process(es) on {env.device.type}"
@@ -374,7 +393,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
             # Nothing is drawn from the global generators after initialisation, so their state is not restored.
             step, extra = load_run_state(state_path, model=holders[0], optimizer=holders[1], restore_rng=False)
             if extra.get("kind") != "pretrain":
-                raise ValueError(f"{state_path} was not written by 'bigtransfer pretrain'; choose another --out")
+                raise UserError(f"{state_path} was not written by 'bigtransfer pretrain'; choose another --out")
             _check_resumable(extra.get("config", {}), config, state_path)
             return step, {"world_size": extra.get("world_size")}
 
@@ -386,7 +405,6 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
         write_text(out / "config.json", to_json({**asdict(config), "plan": asdict(plan)}, indent=2) + "\n")
     logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if start else None) if env.is_main else None
 
-    micro = plan.batch // env.world_size // config.batch_split
     batches = train_batches(data, plan.resolution, plan.batch, config.seed, env.rank, env.world_size,
                             config.batch_split, start, plan.steps, config.workers)
 
@@ -440,7 +458,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
             local.zero_()
             mean = loss_sum / count
             if not math.isfinite(mean):
-                raise RuntimeError(f"the training loss became {mean} at update {done} (lr {lr:.4g}); lower --lr or "
+                raise UserError(f"the training loss became {mean} at update {done} (lr {lr:.4g}); lower --lr or "
                                    "check the data")
             first_loss = mean if first_loss is None else first_loss
             last_loss = mean

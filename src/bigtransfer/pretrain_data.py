@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import DataSourceError, ImageDataset, Item, Skipped, load_splits
+from .errors import UserError
 from .images import to_tensor
 from .paths import shown
 from .sampling import batch_indices, sample_seed
@@ -110,7 +111,7 @@ class InceptionCrop:
 
     def __post_init__(self) -> None:
         if self.size < 1:
-            raise ValueError(f"resolution must be >= 1, got {self.size}")
+            raise UserError(f"resolution must be >= 1, got {self.size}")
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         box = random_resized_crop_box(img.width, img.height, generator)
@@ -154,7 +155,7 @@ class RankStepSampler(Sampler[list[tuple[int, int]]]):
         if n < 1:
             raise ValueError("cannot sample from an empty dataset")
         if global_batch < 1 or global_batch % (world_size * batch_split):
-            raise ValueError(f"global batch {global_batch} does not split into {world_size} process(es) x "
+            raise UserError(f"global batch {global_batch} does not split into {world_size} process(es) x "
                              f"{batch_split} micro-batch(es); use a batch divisible by {world_size * batch_split}")
         self.n, self.batch, self.seed = n, global_batch, seed
         self.rank, self.split = rank, batch_split

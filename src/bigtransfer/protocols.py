@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path, write_text
+from .errors import UserError
 from .finetune import SETTINGS_THAT_MATTER, FinetuneConfig, run_finetune
 from .metrics import to_json
 
@@ -65,7 +66,7 @@ class TrainOptions:
 TRAIN_SETTINGS = tuple(k for k in SETTINGS_THAT_MATTER if k in {f.name for f in dataclasses.fields(TrainOptions)})
 
 
-class ProtocolDirError(ValueError):
+class ProtocolDirError(UserError):
     """The protocol's OUT holds runs made with other settings."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .models import RELEASED_ARCHS, Arch, parse_arch
 
 BASE_URL = "https://storage.googleapis.com/bit_models/"
@@ -29,6 +30,7 @@ class ModelInfo:
     url: str | None = None  # released weights in the authors' bucket
     path: Path | None = None  # weights that ship inside the package
     labels: str | None = None  # key of LABEL_FILES
+    sha256: str | None = None  # of the released file, where known: a download must match it
 
     @property
     def has_weights(self) -> bool:
@@ -80,7 +82,7 @@ def resolve(name: str) -> ModelInfo:
     try:
         arch = parse_arch(name)
     except ValueError:
-        raise ValueError(
+        raise UserError(
             f"unknown model {name!r}; choose one of {', '.join(list_models())} or any R<depth>x<width>"
         ) from None
     return ModelInfo(name, arch, 1000)

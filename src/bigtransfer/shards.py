@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path, write_text
+from .errors import UserError
 from .images import IMAGE_SUFFIXES, ImageError, open_rgb
 
 INDEX_NAME = "index.json"
@@ -36,7 +37,7 @@ _IMAGE_EXTS = frozenset(s.lstrip(".") for s in IMAGE_SUFFIXES)
 _KEY_RE = re.compile(r"[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*")
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard set that cannot be written or read; the message names the file and the problem."""
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .errors import UserError
 from .images import squash, to_tensor
 
 
@@ -38,7 +39,7 @@ class TrainTransform:
 
     def __post_init__(self) -> None:
         if self.crop < 1 or self.precrop < self.crop:
-            raise ValueError(f"need 1 <= crop <= precrop, got precrop {self.precrop}, crop {self.crop}")
+            raise UserError(f"need 1 <= crop <= precrop, got precrop {self.precrop}, crop {self.crop}")
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         top, left, flipped = draw_crop_flip(self.precrop, self.crop, self.flip, self.crop_ok, generator)
@@ -58,7 +59,7 @@ class EvalTransform:
 
     def __post_init__(self) -> None:
         if self.crop < 1:
-            raise ValueError(f"crop must be >= 1, got {self.crop}")
+            raise UserError(f"crop must be >= 1, got {self.crop}")
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         return to_tensor(squash(img, self.crop))

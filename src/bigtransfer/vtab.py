@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Item
+from .errors import UserError
 from .paths import shown
 from .sources import DataSourceError, find_examples, natural_sorted
 
@@ -69,7 +70,7 @@ def get_task(name: str) -> VtabTask:
     try:
         return _BY_NAME[_norm(name)]
     except KeyError:
-        raise ValueError(f"unknown VTAB task {name!r}; the 19 tasks are: {', '.join(t.name for t in TASKS)}") from None
+        raise UserError(f"unknown VTAB task {name!r}; the 19 tasks are: {', '.join(t.name for t in TASKS)}") from None
 
 
 @dataclass

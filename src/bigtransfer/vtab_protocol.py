@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import check_out_folder, check_positive, check_positive_all
+from .errors import UserError
 from .protocols import (
     TRAIN_SETTINGS,
     Say,
@@ -60,7 +61,7 @@ class VtabConfig:
         check_positive("seeds", c.seeds)
         c.sweep_lrs = tuple(float(v) for v in c.sweep_lrs)
         if not c.sweep_lrs or any(not v > 0 for v in c.sweep_lrs):
-            raise ValueError(f"sweep lrs must be positive numbers, got {list(c.sweep_lrs)}")
+            raise UserError(f"sweep lrs must be positive numbers, got {list(c.sweep_lrs)}")
         if c.sweep_steps is not None:
             c.sweep_steps = tuple(c.sweep_steps)
             check_positive_all("sweep steps", c.sweep_steps)

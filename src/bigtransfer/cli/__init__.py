@@ -7,13 +7,11 @@ import importlib
 import os
 import sys
 
+from ..errors import is_user_error
+
 # Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
 VERBS = ["models", "convert", "hyperrule", "finetune", "demo", "predict", "embed", "export", "evaluate", "pretrain",
          "corpus"]
-
-# Errors that come from the user's input: printed as one clear line instead of a traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError,
-                                                 PermissionError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         # devnull keeps the interpreter's final flush from raising the same error again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except _USER_ERRORS as e:
+    except Exception as e:
+        # Errors in the user's input (UserError, OS errors about their paths) are one line; anything else is a bug
+        # and keeps its traceback.
+        if not is_user_error(e):
+            raise
         print(f"bigtransfer {args.verb}: error: {e}", file=sys.stderr)
         return 2

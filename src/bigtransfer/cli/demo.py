@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
+
 HELP = ("Run the demo: fine-tune the bundled BiT-Mini and the same architecture from scratch on 1/5/10 handwritten "
         "digits per class (scikit-learn's, written out as PNG files), 3 seeds; a few minutes on a CPU.")
 
@@ -26,13 +28,15 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print where everything went."""
+    from ..checks import check_out_folder
     from ..demo import DemoSettings, run_demo
 
     for name in ("seeds", "steps", "batch", "processes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if min(args.shots) < 1:
-        raise ValueError(f"--shots must be positive integers, got {args.shots}")
+        raise UserError(f"--shots must be positive integers, got {args.shots}")
+    check_out_folder(args.out)
     run_demo(args.out, DemoSettings(shots=tuple(args.shots), seeds=args.seeds, steps=args.steps, batch=args.batch,
                                     processes=args.processes), quiet=args.quiet)
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 from .predict import add_model_options, input_files, report_skip, resolution_of
 
 HELP = "Compute pre-logit features (N x 2048*width) for every image under a folder; writes .npy + file list."
@@ -31,11 +32,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..atomic import atomic_group
+    from ..checks import check_out_file
     from ..inference import embed_files, load_model
     from ..paths import name_bytes, shown
 
     if args.out.suffix.lower() != ".npy":
-        raise ValueError(f"{args.out}: --out must end in .npy")
+        raise UserError(f"{args.out}: --out must end in .npy")
+    check_out_file(args.out)
+    check_out_file(files_list_path(args.out), "the file list beside --out")
     size = resolution_of(args)
     files, problems = input_files(args.inputs, "embed")
     # The row list has one name per line: a name holding a newline could not be told from two.

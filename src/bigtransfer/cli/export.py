@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import UserError
+
 HELP = "Export a model to ONNX or TorchScript (any input size), verified against the eager model."
 
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import load_model
 
     if args.opset is not None and args.format != "onnx":
-        raise ValueError("--opset applies to --format onnx only")
+        raise UserError("--opset applies to --format onnx only")
     model = load_model(args.model, args.weights)
     try:
         check = export(model, args.out, args.format, dynamic_batch=args.dynamic_batch,

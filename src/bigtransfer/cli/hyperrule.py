@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import UserError
+
 HELP = "Print the BiT-HyperRule fine-tuning plan (resolution, schedule, lr, MixUp) for a dataset."
 
 
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.data is not None:
         if args.examples is not None or args.image_size is not None:
-            raise ValueError("give either --data or --examples with --image-size, not both")
+            raise UserError("give either --data or --examples with --image-size, not both")
         from ..data import image_size_of, load_splits
 
         splits = load_splits(args.data, examples_per_class=args.examples_per_class, check_images=False)
@@ -36,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.data}: {n} training examples in {len(splits.classes)} classes, typical size {size[0]}x{size[1]}")
     else:
         if args.examples is None or args.image_size is None:
-            raise ValueError("need --examples N and --image-size H W (or --data DIR)")
+            raise UserError("need --examples N and --image-size H W (or --data DIR)")
         if args.examples_per_class is not None:
-            raise ValueError("--examples-per-class needs --data")
+            raise UserError("--examples-per-class needs --data")
         n, size = args.examples, tuple(args.image_size)
         if min(size) < 1:
-            raise ValueError(f"--image-size must be positive, got {size[0]} {size[1]}")
+            raise UserError(f"--image-size must be positive, got {size[0]} {size[1]}")
     print(make_plan(n, size, batch=args.batch, steps=args.steps, variant=args.variant, base_lr=args.base_lr,
                     arch=args.arch).describe())
     return 0

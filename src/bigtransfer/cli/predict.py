@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import UserError
 from ..paths import shown
 
 HELP = "Classify images (files or folders) with a model: top-k labels with softmax scores."
@@ -29,7 +30,7 @@ def resolution_of(args: argparse.Namespace) -> int:
 
     size = args.resolution if args.resolution is not None else default_resolution(args.model)
     if size < 1:
-        raise ValueError(f"--resolution must be positive, got {size}")
+        raise UserError(f"--resolution must be positive, got {size}")
     return size
 
 
