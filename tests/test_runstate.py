@@ -73,6 +73,7 @@ def test_planted_state_runs_nothing_and_an_old_format_state_resumes(folder, tmp_
     err = capsys.readouterr().err
     assert rc == 2 and not marker.exists()
     assert f"{run / 'state.pt'}: cannot read the saved run state" in err and "delete it" in err
+    assert "posix.system" in err and "weights_only" not in err  # says what was refused, not torch's retry advice
 
 
 def test_planted_state_in_a_pretrain_run_runs_nothing(tmp_path, capsys):

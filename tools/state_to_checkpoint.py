@@ -13,6 +13,7 @@ import torch
 
 from bigtransfer.checkpoints import load_state, save_checkpoint
 from bigtransfer.models import ResNetV2
+from bigtransfer.runstate import read_run_state
 from bigtransfer.shards import read_index
 
 
@@ -25,8 +26,7 @@ def main() -> None:
     p.add_argument("--arch", required=True)
     p.add_argument("--fp16", action="store_true")
     args = p.parse_args()
-    # The run state also holds RNG states (NumPy arrays), so it needs full unpickling; it is our own file.
-    payload = torch.load(args.state, map_location="cpu", weights_only=False)
+    payload = read_run_state(args.state)  # torch's restricted unpickler: the file runs no code
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
     classes = read_index(args.shards).classes
     model = ResNetV2(args.arch, len(classes))

@@ -116,8 +116,12 @@ def read_run_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _first_line(e: BaseException) -> str:
-    # torch's refusal of a global spans a page of advice about allowlisting it, which does not apply here.
-    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+    """The informative line of an error: torch's refusal of a global comes wrapped in a page of advice (including
+    to retry with full unpickling, which must not be followed here), so only the line naming the refusal is kept."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(e).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(boilerplate)]
+    return kept[0] if kept else ""
 
 
 def load_run_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
