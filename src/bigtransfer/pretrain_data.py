@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .data import DataSourceError, ImageDataset, Item, Skipped, load_splits
 from .errors import UserError
 from .images import to_tensor
+from .packed import PackedSet, crop_flip_batch, find_packed_sets, open_packed, squash_batch
 from .paths import shown
 from .sampling import batch_indices, sample_seed
 from .sources import is_label, manifest_image, manifest_rows, natural_sorted, refuse_repeats
@@ -113,11 +114,16 @@ class InceptionCrop:
         if self.size < 1:
             raise UserError(f"resolution must be >= 1, got {self.size}")
 
+    @staticmethod
+    def draw(width: int, height: int, generator: torch.Generator | None) -> tuple[tuple[int, int, int, int], bool]:
+        """(crop box, flip) for an image of width x height: the random draws of one call."""
+        box = random_resized_crop_box(width, height, generator)
+        return box, bool(torch.rand((), generator=generator) < 0.5)
+
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        box = random_resized_crop_box(img.width, img.height, generator)
-        out = img.resize((self.size, self.size), Image.BILINEAR, box=box)
-        x = to_tensor(out)
-        return x.flip(2) if bool(torch.rand((), generator=generator) < 0.5) else x
+        box, flip = self.draw(img.width, img.height, generator)
+        x = to_tensor(img.resize((self.size, self.size), Image.BILINEAR, box=box))
+        return x.flip(2) if flip else x
 
 
 def multi_hot(labels: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
@@ -212,7 +218,67 @@ class ShardData:
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def train_batches(data: PretrainData | ShardData, size: int, global_batch: int, seed: int, rank: int, world_size: int,
+@dataclass
+class PackedData:
+    """A packed (pre-decoded) training set and optionally a held-out one (see `bigtransfer.packed`)."""
+
+    train: PackedSet
+    eval: PackedSet | None
+    eval_name: str = "val"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names (those of the training set)."""
+        return self.train.classes
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether some example has several labels."""
+        return self.train.multi_label
+
+    @property
+    def train_count(self) -> int:
+        """Number of training examples."""
+        return len(self.train)
+
+    def summary(self) -> str:
+        """One line: classes, counts, image size."""
+        held = f"{self.eval_name} {len(self.eval)} images" if self.eval is not None else "no held-out set"
+        _, height, width, _ = self.train.images.shape
+        return " ".join([f"{len(self.classes)} classes, {'multi' if self.multi_label else 'single'}-label packed set "
+                         f"{self.train.root} with {len(self.train)} images of {width}x{height}; {held}.", *self.notes])
+
+
+def _load_packed(train_root: Path, eval_root: Path | None) -> PackedData:
+    train = open_packed(train_root)
+    held = open_packed(eval_root) if eval_root is not None else None
+    if held is not None and held.classes != train.classes:
+        raise DataSourceError(f"{eval_root}: its classes differ from those of {train_root}")
+    notes = [] if held else [f"{train_root}: no val/ or test/ packed set beside it, so there is no held-out evaluation"]
+    return PackedData(train, held, eval_root.name if eval_root else "val", notes)
+
+
+def _packed_train_batches(data: PackedData, sampler: RankStepSampler, size: int) -> Iterator[Batch]:
+    """Micro-batches cut from the packed array and augmented as one batch, in this process (no workers)."""
+    for keys in sampler:
+        rows = [i for i, _ in keys]
+        draws = [InceptionCrop.draw(data.train.images.shape[2], data.train.images.shape[1],
+                                    torch.Generator().manual_seed(seed)) for _, seed in keys]
+        x = crop_flip_batch(data.train.pixels(rows), [b for b, _ in draws], [f for _, f in draws], size)
+        yield x, data.train.targets(rows)
+
+
+def _packed_eval_batches(held: PackedSet, size: int, batch: int, rank: int, world_size: int,
+                         limit: int | None) -> Iterator[Batch]:
+    rows = list(range(rank, min(len(held), limit) if limit else len(held), world_size))
+    for k in range(0, len(rows), batch):
+        part = rows[k:k + batch]
+        yield squash_batch(held.pixels(part), size), held.targets(part)
+
+
+
+def train_batches(data: PretrainData | ShardData | PackedData, size: int, global_batch: int, seed: int, rank: int, world_size: int,
                   batch_split: int, start_step: int, end_step: int, workers: int) -> Iterator[Batch]:
     """This rank's micro-batches (images, multi-hot targets) from update start_step on, batch_split per update.
 
@@ -221,6 +287,11 @@ def train_batches(data: PretrainData | ShardData, size: int, global_batch: int, 
     and augmentation are seeded, but a resumed run restarts the epoch it was in).
     """
     transform = InceptionCrop(size)
+    if isinstance(data, PackedData):
+        sampler = RankStepSampler(data.train_count, global_batch, seed, rank, world_size, batch_split, start_step,
+                                  end_step)
+        yield from _packed_train_batches(data, sampler, size)
+        return
     if isinstance(data, PretrainData):
         sampler = RankStepSampler(len(data.train), global_batch, seed, rank, world_size, batch_split, start_step, end_step)
         dataset = MultiLabelDataset(data.train, len(data.classes), transform)
@@ -252,12 +323,14 @@ def train_batches(data: PretrainData | ShardData, size: int, global_batch: int, 
         epoch += 1
 
 
-def eval_batches(data: PretrainData | ShardData, size: int, batch: int, rank: int, world_size: int, workers: int,
+def eval_batches(data: PretrainData | ShardData | PackedData, size: int, batch: int, rank: int, world_size: int, workers: int,
                  limit: int | None = None) -> Iterable[Batch]:
     """This rank's share of the held-out set as (images, targets) batches: squash-resized, in a fixed order."""
     from .transforms import eval_transform
 
     transform = eval_transform(size)
+    if isinstance(data, PackedData):
+        return [] if data.eval is None else _packed_eval_batches(data.eval, size, batch, rank, world_size, limit)
     if isinstance(data, PretrainData):
         n = min(len(data.eval), limit) if limit else len(data.eval)
         mine = [data.eval[i] for i in range(rank, n, world_size)]
@@ -381,8 +454,11 @@ def _load_shards(train_root: Path, eval_root: Path | None) -> ShardData:
 
 
 def load_pretrain_data(source: str | Path, holdout: float = 0.05, seed: int = 0,
-                       check_images: bool = False) -> PretrainData | ShardData:
-    """Read a shard set, a multi-label JSONL manifest, or any fine-tuning source (one label per image)."""
+                       check_images: bool = False) -> PretrainData | ShardData | PackedData:
+    """Read a packed set, a shard set, a multi-label JSONL manifest, or any fine-tuning source (one label per image)."""
+    packed = find_packed_sets(source)
+    if packed is not None:
+        return _load_packed(*packed)
     shards = find_shard_sets(source)
     if shards is not None:
         return _load_shards(*shards)

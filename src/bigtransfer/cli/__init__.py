@@ -11,7 +11,7 @@ from ..errors import is_user_error
 
 # Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
 VERBS = ["models", "convert", "hyperrule", "finetune", "demo", "predict", "embed", "export", "evaluate", "pretrain",
-         "corpus"]
+         "corpus", "pack"]
 
 
 def build_parser() -> argparse.ArgumentParser:
