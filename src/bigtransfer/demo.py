@@ -32,7 +32,7 @@ class DemoModel:
     title: str
     model: str
     weights: str | None = None
-    base_lr: float = 0.003
+    base_lr: float | None = None  # None: the model's recommended value (BiT-Mini carries one), else 0.003
 
     @property
     def slug(self) -> str:

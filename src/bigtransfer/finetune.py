@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from .atomic import write_text
 from .checks import check_out_folder, check_positive
 from .errors import UserError
+from .hyperrule import BASE_LR
 from .metrics import Evaluation, JsonlLogger, read_jsonl, to_json
 from .paths import name_bytes
+from .registry import resolve
 
 # Settings that change what a run computes: resuming under different values would splice two different runs.
 SETTINGS_THAT_MATTER = ("data", "model", "weights", "examples_per_class", "seed", "steps", "batch", "resolution",
@@ -74,13 +76,14 @@ class FinetuneConfig:
     silent: bool = False  # print nothing (for protocols that run many fine-tunes)
     overwrite: bool = False  # start afresh even if RUN holds another run
     variant: str = "release"  # HyperRule variant: release or paper
-    base_lr: float = 0.003  # lr at batch 512, scaled by batch / 512
+    base_lr: float | None = None  # lr at batch 512, scaled by batch / 512; None: the model's recommended value or 0.003
     val_fraction: float = 0.2  # held out per class when the data has no val/ or test/ split
     split_seed: int | None = None  # draws that held-out split; None: seed (the few-shot protocol fixes it)
 
     def normalized(self) -> FinetuneConfig:
         """A copy with absolute paths and a tuple resolution, after checking every value."""
         c = dataclasses.replace(self)
+        _apply_model_defaults(c)
         _check_config(c)
         c.data = str(Path(c.data).expanduser().resolve())
         c.out = str(Path(c.out).expanduser().resolve())
@@ -95,10 +98,22 @@ class RunDirError(UserError):
     """The run directory holds something that this run must not resume or overwrite."""
 
 
+def _apply_model_defaults(c: FinetuneConfig) -> None:
+    """Fill the settings left unset (None) from the model's recommended ones, then the HyperRule's.
+
+    Released BiT models recommend nothing, so they keep the HyperRule exactly (base lr 0.003, its resolution);
+    a bundled model such as BiT-Mini carries its own (small images, a CPU-sized batch) in its metadata.
+    """
+    recommended = resolve(c.model).finetune_defaults if isinstance(c.model, str) else {}
+    if c.base_lr is None:
+        c.base_lr = float(recommended.get("base_lr", BASE_LR))
+    if c.resolution is None and recommended.get("resolution"):
+        c.resolution = tuple(recommended["resolution"])
+
+
 def _check_config(c: FinetuneConfig) -> None:
     from .device import PRECISIONS
     from .hyperrule import VARIANTS
-    from .registry import resolve
 
     for name in ("examples_per_class", "steps", "eval_every", "save_every", "eval_batch"):
         check_positive(name.replace("_", "-"), getattr(c, name), allow_none=True)
@@ -575,6 +590,7 @@ def _summary(c: FinetuneConfig, plan: Any, splits: Any, ev: dict[str, Any], k: d
         "precision": c.precision,
         "resolution": [plan.precrop, plan.crop],
         "batch": c.batch,
+        "base_lr": plan.base_lr,
         "checkpoint": str(out / "checkpoint.safetensors"),
         "plots": [str(out / n) for n in ("loss.png", "lr.png", "accuracy.png", "confusion.png")],
     }

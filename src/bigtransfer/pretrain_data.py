@@ -278,8 +278,8 @@ def _packed_eval_batches(held: PackedSet, size: int, batch: int, rank: int, worl
 
 
 
-def train_batches(data: PretrainData | ShardData | PackedData, size: int, global_batch: int, seed: int, rank: int, world_size: int,
-                  batch_split: int, start_step: int, end_step: int, workers: int) -> Iterator[Batch]:
+def train_batches(data: PretrainData | ShardData | PackedData, size: int, global_batch: int, seed: int, rank: int,
+                  world_size: int, batch_split: int, start_step: int, end_step: int, workers: int) -> Iterator[Batch]:
     """This rank's micro-batches (images, multi-hot targets) from update start_step on, batch_split per update.
 
     Examples and manifests follow the world-size-independent global stream (module doc). Shard sets are streamed:
@@ -323,8 +323,8 @@ def train_batches(data: PretrainData | ShardData | PackedData, size: int, global
         epoch += 1
 
 
-def eval_batches(data: PretrainData | ShardData | PackedData, size: int, batch: int, rank: int, world_size: int, workers: int,
-                 limit: int | None = None) -> Iterable[Batch]:
+def eval_batches(data: PretrainData | ShardData | PackedData, size: int, batch: int, rank: int, world_size: int,
+                 workers: int, limit: int | None = None) -> Iterable[Batch]:
     """This rank's share of the held-out set as (images, targets) batches: squash-resized, in a fixed order."""
     from .transforms import eval_transform
 

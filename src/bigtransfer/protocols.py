@@ -42,7 +42,7 @@ class TrainOptions:
     device: str = "auto"
     workers: int | None = None
     variant: str = "release"
-    base_lr: float = 0.003
+    base_lr: float | None = None  # None: the model's recommended value, else the HyperRule's 0.003
 
     def finetune_config(self, data: str | Path, out: str | Path, **settings: Any) -> FinetuneConfig:
         """A silent FinetuneConfig for one run of the protocol; `settings` override these options."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -31,6 +32,9 @@ class ModelInfo:
     path: Path | None = None  # weights that ship inside the package
     labels: str | None = None  # key of LABEL_FILES
     sha256: str | None = None  # of the released file, where known: a download must match it
+    # Fine-tuning settings the model's authors recommend (bundled models: "finetune_defaults" in the file's
+    # metadata, e.g. {"base_lr": 0.1, "resolution": [48, 40]}); a run uses them unless told otherwise.
+    finetune_defaults: dict = field(default_factory=dict, compare=False)
 
     @property
     def has_weights(self) -> bool:
@@ -62,7 +66,9 @@ def _bundled() -> dict[str, ModelInfo]:
 
         for path in sorted(BUNDLED_DIR.glob("*.safetensors")):
             meta = read_metadata(path)
-            out[path.stem] = ModelInfo(path.stem, parse_arch(meta["arch"]), int(meta["num_classes"]), path=path)
+            defaults = json.loads(meta.get("finetune_defaults", "{}"))
+            out[path.stem] = ModelInfo(path.stem, parse_arch(meta["arch"]), int(meta["num_classes"]), path=path,
+                                       finetune_defaults=defaults)
     return out
 
 

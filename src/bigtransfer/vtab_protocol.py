@@ -137,8 +137,8 @@ def _all_runs(task: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _run_record(summary: dict[str, Any], reused: bool, run: str, **extra: Any) -> dict[str, Any]:
-    return {**extra, "top1": summary["top1"], "top5": summary["top5"], "steps": summary["steps"],
-            "examples": summary["examples"], "eval_examples": summary["eval_examples"],
+    return {"base_lr": summary.get("base_lr"), **extra, "top1": summary["top1"], "top5": summary["top5"],
+            "steps": summary["steps"], "examples": summary["examples"], "eval_examples": summary["eval_examples"],
             "wall_time_s": summary["wall_time_s"], "reused": reused, "run": run}
 
 
@@ -170,11 +170,11 @@ def _run_task(c: VtabConfig, td: Any, task_out: Path, say: Say) -> dict[str, Any
                                      overwrite=c.overwrite, **flags)
         summary, reused = run_or_reuse(rc, reuse=fresh)
         runs.append(_run_record(summary, reused, rc.out, seed=seed))
-        say(f"  final seed {seed} (lr {lr:g}, {summary['steps']} steps, {summary['examples']} images): test top-1 "
-            f"{summary['top1']:.4f}" + (" (reused)" if reused else f" ({summary['wall_time_s']:.1f} s)"))
+        say(f"  final seed {seed} (lr {runs[-1]['base_lr'] or lr:g}, {summary['steps']} steps, {summary['examples']} "
+            f"images): test top-1 {summary['top1']:.4f}" + (" (reused)" if reused else f" ({summary['wall_time_s']:.1f} s)"))
     stats = spread([r["top1"] for r in runs])
     result.update(top1=stats["median"], top1_min=stats["min"], top1_max=stats["max"], top1_mean=stats["mean"],
-                  base_lr=lr, steps=runs[0]["steps"], runs=runs, notes=td.notes)
+                  base_lr=runs[0]["base_lr"] or lr, steps=runs[0]["steps"], runs=runs, notes=td.notes)
     return result
 
 

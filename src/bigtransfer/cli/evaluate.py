@@ -67,7 +67,8 @@ def _register_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=int, metavar="N", help="data loading processes (default: CPUs, at most 8)")
     p.add_argument("--variant", choices=("release", "paper"), default="release", help="HyperRule variant")
-    p.add_argument("--base-lr", type=float, default=0.003, help="lr at batch 512 (default 0.003)")
+    p.add_argument("--base-lr", type=float,
+                   help="lr at batch 512 (default: the model's recommended value, else the HyperRule's 0.003)")
     p.add_argument("--overwrite", action="store_true", help="re-run every run from scratch instead of reusing it")
 
 

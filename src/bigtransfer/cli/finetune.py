@@ -24,7 +24,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-split", type=int, default=1, metavar="Q",
                    help="accumulate each batch over Q micro-batches to save memory (default 1)")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("PRECROP", "CROP"),
-                   help="squash-resize to PRECROP, train on random CROP crops (default: the HyperRule's)")
+                   help="squash-resize to PRECROP, train on random CROP crops (default: the model's recommended "
+                        "resolution, else the HyperRule's)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="no random horizontal flips (for images whose mirror image is another class)")
     p.add_argument("--no-crop", dest="crop", action="store_false",
@@ -41,7 +42,9 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="data loading processes (default: CPUs, at most 8)")
     p.add_argument("--variant", choices=("release", "paper"), default="release",
                    help="HyperRule as in the authors' release (default) or as the paper states it")
-    p.add_argument("--base-lr", type=float, default=0.003, help="lr at batch 512, scaled by B/512 (default 0.003)")
+    p.add_argument("--base-lr", type=float,
+                   help="lr at batch 512, scaled by B/512 (default: the model's recommended value, e.g. BiT-Mini's; "
+                        "else the HyperRule's 0.003)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of each class held out for evaluation when there is no val/ or test/ (default 0.2)")
     p.add_argument("--strict", action="store_true", help="refuse to train if any image is unreadable")
