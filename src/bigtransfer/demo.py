@@ -122,7 +122,7 @@ def run_demo(out: str | os.PathLike = "bigtransfer-demo", settings: DemoSettings
     import multiprocessing
 
     from .atomic import write_text
-    from .finetune import FinetuneConfig
+    from .finetune import FinetuneConfig, recommended_settings
     from .plots import error_bar_plot
 
     s = settings or DemoSettings()
@@ -137,8 +137,10 @@ def run_demo(out: str | os.PathLike = "bigtransfer-demo", settings: DemoSettings
           f"{s.resolution[1]}x{s.resolution[1]} crops (the HyperRule would use 160/128), "
           f"{'with' if s.flip else 'no'} horizontal flips{'' if s.flip else ' (a mirrored digit is another shape)'}.")
     for m in models:
-        print(f"  {m.title}: model {m.model}, base lr {m.base_lr:g} at batch 512 "
-              f"(= {m.base_lr * s.batch / 512:.4g} at batch {s.batch})")
+        lr = m.base_lr if m.base_lr is not None else recommended_settings(m.model)["base_lr"]
+        note = "" if m.base_lr is not None else ", the model's recommended value"
+        print(f"  {m.title}: model {m.model}, base lr {lr:g} at batch 512 (= {lr * s.batch / 512:.4g} at batch "
+              f"{s.batch}){note}")
     jobs = [(m, k, seed, FinetuneConfig(
         data=str(data), out=str(out / m.slug / f"k{k}" / f"seed{seed}"), model=m.model, weights=m.weights,
         examples_per_class=k, seed=seed, steps=s.steps, batch=s.batch, resolution=s.resolution, flip=s.flip,

@@ -98,15 +98,20 @@ class RunDirError(UserError):
     """The run directory holds something that this run must not resume or overwrite."""
 
 
-def _apply_model_defaults(c: FinetuneConfig) -> None:
-    """Fill the settings left unset (None) from the model's recommended ones, then the HyperRule's.
+def recommended_settings(model: str) -> dict[str, Any]:
+    """The fine-tuning settings a model name recommends: "base_lr" always, "resolution" where it has its own.
 
-    Released BiT models recommend nothing, so they keep the HyperRule exactly (base lr 0.003, its resolution);
-    a bundled model such as BiT-Mini carries its own (small images, a CPU-sized batch) in its metadata.
+    Released BiT models recommend nothing of their own, so they keep the HyperRule exactly (base lr 0.003 and its
+    resolution rule); a bundled model such as BiT-Mini carries its own (small images) in its file's metadata.
     """
-    recommended = resolve(c.model).finetune_defaults if isinstance(c.model, str) else {}
+    return {"base_lr": BASE_LR, **resolve(model).finetune_defaults}
+
+
+def _apply_model_defaults(c: FinetuneConfig) -> None:
+    """Fill the settings left unset (None) from the model's recommended ones."""
+    recommended = recommended_settings(c.model)
     if c.base_lr is None:
-        c.base_lr = float(recommended.get("base_lr", BASE_LR))
+        c.base_lr = float(recommended["base_lr"])
     if c.resolution is None and recommended.get("resolution"):
         c.resolution = tuple(recommended["resolution"])
 
