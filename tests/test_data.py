@@ -79,14 +79,17 @@ def test_train_val_folders_share_class_indices(tmp_path):
     assert all(f"/val/{s.classes[i.label]}/" in i.source for i in s.eval)
 
 
-def test_train_test_folders_and_val_preferred(tmp_path):
+def test_train_val_test_folders_score_on_test(tmp_path):
     _folder(tmp_path / "train", {"a": 2, "b": 2})
-    _folder(tmp_path / "test", {"a": 1, "b": 1})
-    assert load_splits(tmp_path).eval_name == "test"
     _folder(tmp_path / "val", {"a": 1, "b": 1})
+    assert load_splits(tmp_path).eval_name == "val"  # val alone: the only evaluation split there is
+    _folder(tmp_path / "test", {"a": 2, "b": 1})
     s = load_splits(tmp_path)
-    assert s.eval_name == "val" and all("/val/" in i.source for i in s.eval)
-    assert "test/ left untouched" in s.summary()
+    # Both: the score comes from test (spec section 5); val's 2 images are counted as not used.
+    assert s.eval_name == "test" and len(s.eval) == 3 and all("/test/" in i.source for i in s.eval)
+    assert s.unused == {"val": 2} and "the 2 val examples are not used" in s.summary()
+    v = load_splits(tmp_path, prefer="val")  # pre-training's held-out look
+    assert v.eval_name == "val" and len(v.eval) == 2 and v.unused == {"test": 3}
 
 
 def test_csv_manifest_relative_paths_and_natural_class_order(tmp_path):

@@ -361,13 +361,13 @@ def test_vtab_notes_test_classes_that_training_never_sees(tmp_path):
     assert not any("of val200" in n for n in notes)
 
 
-def test_unused_test_rows_add_no_class_and_unreadable_val_images_are_counted(tmp_path):
+def test_unused_val_rows_add_no_class_and_unreadable_test_images_are_counted(tmp_path):
     _folder(tmp_path / "img", {"a": 3, "b": 3, "c": 2, "d": 1})
     (tmp_path / "img" / "c" / "0.png").write_bytes(b"junk")
     rows = ["path,label,split", *(f"img/{c}/{i}.png,{c},train" for c in "ab" for i in range(2)),
-            "img/a/2.png,a,val", "img/b/2.png,b,val", "img/c/0.png,c,val", "img/d/0.png,d,test"]
+            "img/a/2.png,a,test", "img/b/2.png,b,test", "img/c/0.png,c,test", "img/d/0.png,d,val"]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(DataSourceError, match=r"1 of 3 classes have no usable image at all: c \(1 unreadable\)"):
-        load_splits(tmp_path / "m.csv")  # d (only in the untouched test rows) is no class of this run
+        load_splits(tmp_path / "m.csv")  # d (only in the unused val rows) is no class of this run
     (tmp_path / "m.csv").write_text("\n".join(rows[:-2] + rows[-1:]) + "\n")
     assert load_splits(tmp_path / "m.csv").classes == ["a", "b"]

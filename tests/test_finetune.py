@@ -285,3 +285,27 @@ def test_evaluate_through_the_fast_path_equals_the_plain_model(monkeypatch):
     assert result["examples"] == 15
     assert result["top1"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
     assert result["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_val_and_test_folders_score_on_test_and_say_so(tmp_path, capsys):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", per_class=6, size=36, seed=1)
+    make_image_folder(root / "val", per_class=2, size=36, seed=2)  # 6 images, other pixels than test's
+    make_image_folder(root / "test", per_class=3, size=36, seed=3)  # 9 images
+    summary = run_finetune(tiny(root, tmp_path / "run", steps=3, silent=False, quiet=True))
+    assert summary["eval_split"] == "test" and summary["eval_examples"] == 9
+    assert summary["unused_splits"] == {"val": 6}
+    printed = capsys.readouterr().out
+    assert "on 9 test images; val (6 images) not used" in printed
+    # The reported loss is the checkpoint's on test/'s images (an independent pass), and not on val/'s.
+    model = create_model("R14x0.5", pretrained=tmp_path / "run" / "checkpoint.safetensors").eval()
+
+    def loss_on(split: str) -> float:
+        files = sorted((root / split).glob("*/*.png"))
+        with torch.no_grad():
+            logits = torch.cat([model(load_for_eval(str(f), 32)[None]) for f in files])
+        labels = torch.tensor([CLASSES.index(f.parent.name) for f in files])
+        return float(torch.nn.functional.cross_entropy(logits, labels))
+
+    assert summary["loss"] == pytest.approx(loss_on("test"), rel=1e-4)
+    assert abs(summary["loss"] - loss_on("val")) > 1e-3

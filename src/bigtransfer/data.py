@@ -71,6 +71,7 @@ class DataSplits:
     skipped: list[Skipped] = field(default_factory=list)
     ignored: int = 0
     notes: list[str] = field(default_factory=list)
+    unused: dict[str, int] = field(default_factory=dict)  # explicit splits not used: val beside test
 
     def class_counts(self) -> dict[str, list[int]]:
         """Images per class (in class order, zeros included) in train and in the evaluation split."""
@@ -209,16 +210,17 @@ def _check_classes(source: str | Path, classes: list[str], train: list[Item], he
 
 def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0, examples_per_class: int | None = None,
                 strict: bool = False, check_images: bool = True, workers: int = 0, split_seed: int | None = None,
-                progress: bool = False) -> DataSplits:
+                progress: bool = False, prefer: str = "test") -> DataSplits:
     """Find, check and split a dataset; `seed` picks the K-shot subset (and the split unless split_seed is given).
 
-    `workers` is the number of threads decoding images for the up-front check (0: automatic).
+    `workers` is the number of threads decoding images for the up-front check (0: automatic). `prefer`: the split
+    evaluated on when the source has both val and test (see `bigtransfer.sources`).
     """
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if examples_per_class is not None and examples_per_class < 1:
         raise UserError(f"examples_per_class must be >= 1, got {examples_per_class}")
-    found = find_examples(source)
+    found = find_examples(source, prefer)
     index = {c: i for i, c in enumerate(found.classes)}
     train = _items(found.train, index)
     held = _items(found.eval, index) if found.eval is not None else []
@@ -243,7 +245,7 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
         train = _few_shot(train, examples_per_class, seed, found.classes, why)
     train.sort(key=lambda i: (i.label, i.source))
     held.sort(key=lambda i: (i.label, i.source))
-    return DataSplits(train, held, found.classes, found.eval_name, skipped, found.ignored, notes)
+    return DataSplits(train, held, found.classes, found.eval_name, skipped, found.ignored, notes, found.unused)
 
 
 def _items(pairs: list[tuple[str, str]], index: dict[str, int]) -> list[Item]:

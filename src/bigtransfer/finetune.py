@@ -554,8 +554,9 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     counters["wall_time_s"] = wall_before + time.perf_counter() - t_start
     summary = _summary(c, plan, splits, last_eval, counters, describe(device))
     write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
+    unused = "".join(f"; {k} ({n} images) not used" for k, n in splits.unused.items())
     say(f"top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f} on {summary['eval_examples']} {splits.eval_name} "
-        f"images after {plan.end} steps ({summary['wall_time_s']:.1f} s); run in {out}")
+        f"images{unused} after {plan.end} steps ({summary['wall_time_s']:.1f} s); run in {out}")
     return summary
 
 
@@ -575,6 +576,7 @@ def _summary(c: FinetuneConfig, plan: Any, splits: Any, ev: dict[str, Any], k: d
         "examples": len(splits.train),
         "eval_examples": ev["examples"],
         "eval_split": splits.eval_name,
+        "unused_splits": splits.unused,  # e.g. {"val": n}: val beside test, left for choosing settings
         "skipped_files": [dataclasses.asdict(s) for s in splits.skipped],
         "ignored_files": splits.ignored,
         "wall_time_s": k["wall_time_s"],

@@ -464,7 +464,8 @@ def load_pretrain_data(source: str | Path, holdout: float = 0.05, seed: int = 0,
         return _load_shards(*shards)
     if is_multi_label_manifest(source):
         return read_multi_label_manifest(source, holdout, seed)
-    splits = load_splits(source, val_fraction=holdout, seed=seed, check_images=check_images)
+    # The held-out look during pre-training is validation: it takes val when a source has both val and test.
+    splits = load_splits(source, val_fraction=holdout, seed=seed, check_images=check_images, prefer="val")
     train = [Example(it.source, (it.label,)) for it in splits.train]
     held = [Example(it.source, (it.label,)) for it in splits.eval]
     return PretrainData(train, held, splits.classes, False, splits.eval_name, splits.skipped, splits.notes)

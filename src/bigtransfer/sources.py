@@ -2,8 +2,11 @@
 
 Every reader returns a `Found`: (source, class name) pairs for the training examples, the same for an explicit
 evaluation split when the source has one, the class list, and how many entries were ignored (hidden files and
-non-image files in folders). Array rows are addressed as ``"<npz path>#<row>"`` for the ``images`` array and
-``"<npz path>#<key>:<row>"`` for ``val_images`` / ``test_images``; `npz_row` reads one back.
+non-image files in folders). When a source has both a validation and a test split, the score comes from test
+(the paper reports on the official test split; spec section 5) and val is left for choosing settings, unless the
+caller asks for val (`prefer="val"`: pre-training's held-out looks, which decide nothing about the final score).
+Array rows are addressed as ``"<npz path>#<row>"`` for the ``images`` array and ``"<npz path>#<key>:<row>"`` for
+``val_images`` / ``test_images``; `npz_row` reads one back.
 
 Manifests are UTF-8 text; bytes that are not UTF-8 (a file name written in another encoding) are read with
 "surrogateescape", so the name still opens the file it names (see `bigtransfer.paths`). A manifest may list an
@@ -43,6 +46,24 @@ class Found:
     classes: list[str]
     ignored: int = 0
     notes: list[str] = field(default_factory=list)
+    # Explicit splits present but not used (name -> examples): val beside test when scoring on test.
+    unused: dict[str, int] = field(default_factory=dict)
+
+
+EVAL_SPLITS = ("val", "test")
+
+
+def _pick_eval(present: list[str], prefer: str) -> str:
+    """The explicit split to evaluate on: `prefer` when present, else the one there is."""
+    if prefer not in EVAL_SPLITS:
+        raise ValueError(f"prefer must be one of {', '.join(EVAL_SPLITS)}, got {prefer!r}")
+    return prefer if prefer in present else present[0]
+
+
+def _unused_note(where: object, used: str, unused: str, count: int) -> str:
+    why = ("the score comes from the official test split, as the paper's does; val is for choosing settings"
+           if used == "test" else "val is the held-out look; the test split stays untouched")
+    return f"{where}: has both val and test; evaluating on {used} ({why}); the {count} {unused} examples are not used"
 
 
 def natural_sorted(names: set[str] | list[str]) -> list[str]:
@@ -80,23 +101,27 @@ def _scan_class_folders(root: Path) -> tuple[list[tuple[str, str]], list[str], i
     return records, classes, ignored
 
 
-def _read_folder(root: Path) -> Found:
+def _read_folder(root: Path, prefer: str) -> Found:
     train_dir = root / "train"
     if train_dir.is_dir():
-        evals = [name for name in ("val", "test") if (root / name).is_dir()]
+        evals = [name for name in EVAL_SPLITS if (root / name).is_dir()]
         train, classes, ignored = _scan_class_folders(train_dir)
         notes = []
         if not evals:
             notes.append(f"{root}: train/ has no val/ or test/ beside it, so train/ is split")
             found = Found(train, None, "split", classes, ignored, notes)
         else:
-            name = evals[0]
-            if len(evals) > 1:
-                notes.append(f"{root}: both val/ and test/ exist; evaluating on val/, test/ left untouched")
+            name = _pick_eval(evals, prefer)
             ev, ev_classes, ev_ignored = _scan_class_folders(root / name)
             if not ev:
                 raise DataSourceError(f"{root / name}: no images in class sub-folders")
-            found = Found(train, ev, name, sorted(set(classes) | set(ev_classes)), ignored + ev_ignored, notes)
+            unused = {}
+            if len(evals) > 1:
+                other = next(e for e in evals if e != name)
+                unused[other] = len(_scan_class_folders(root / other)[0])
+                notes.append(_unused_note(root, name, other, unused[other]))
+            found = Found(train, ev, name, sorted(set(classes) | set(ev_classes)), ignored + ev_ignored, notes,
+                          unused)
         root = train_dir
     else:
         train, classes, ignored = _scan_class_folders(root)
@@ -172,7 +197,7 @@ def refuse_repeats(path: Path, images: list[tuple[int, str]]) -> None:
                               f"evaluated on): {listed}; remove the repeated rows")
 
 
-def _read_manifest(path: Path) -> Found:
+def _read_manifest(path: Path, prefer: str) -> Found:
     train: list[tuple[str, str]] = []
     evals: dict[str, list[tuple[str, str]]] = {"val": [], "test": []}
     images: list[tuple[int, str]] = []
@@ -194,14 +219,16 @@ def _read_manifest(path: Path) -> Found:
     if not train:
         raise DataSourceError(f"{path}: no training rows")
     refuse_repeats(path, images)
-    notes, ignored = [], 0
-    name = "val" if evals["val"] else ("test" if evals["test"] else "split")
-    # The classes of the rows used: test rows left untouched (beside val rows) add none.
+    notes, unused = [], {}
+    present = [k for k in EVAL_SPLITS if evals[k]]
+    name = _pick_eval(present, prefer) if present else "split"
+    # The classes of the rows used: rows of the split left unused add none.
     classes = natural_sorted({c for _, c in train} | {c for _, c in evals.get(name, [])})
-    if evals["val"] and evals["test"]:
-        ignored = len(evals["test"])
-        notes.append(f"{path}: has both val and test rows; evaluating on val, the {ignored} test rows left untouched")
-    return Found(train, evals[name] if name != "split" else None, name, classes, ignored, notes)
+    if len(present) > 1:
+        other = next(e for e in present if e != name)
+        unused[other] = len(evals[other])
+        notes.append(_unused_note(path, name, other, unused[other]))
+    return Found(train, evals[name] if name != "split" else None, name, classes, 0, notes, unused)
 
 
 # ---- arrays -----------------------------------------------------------------------------------------------------
@@ -251,7 +278,7 @@ def _preview(values: np.ndarray, n: int = 10) -> str:
     return shown_values + (f", ... ({len(values) - n} more)" if len(values) > n else "")
 
 
-def _read_npz(path: Path) -> Found:
+def _read_npz(path: Path, prefer: str) -> Found:
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
@@ -259,7 +286,9 @@ def _read_npz(path: Path) -> Found:
                 raise DataSourceError(f"{path}: needs arrays 'images' and 'labels'; has {', '.join(sorted(keys)) or 'none'}")
             names = _class_names(path, z["class_names"]) if "class_names" in keys else None
             labels = z["labels"]
-            ev_key = next((k for k in ("val", "test") if f"{k}_images" in keys and f"{k}_labels" in keys), None)
+            present = [k for k in EVAL_SPLITS if f"{k}_images" in keys and f"{k}_labels" in keys]
+            ev_key = _pick_eval(present, prefer) if present else None
+            unused = {k: len(z[f"{k}_labels"]) for k in present if k != ev_key}
             ev_labels = z[f"{ev_key}_labels"] if ev_key else None
     except DataSourceError:
         raise
@@ -281,7 +310,8 @@ def _read_npz(path: Path) -> Found:
         raise DataSourceError(f"{path}: class_names repeats a name ({', '.join(repeated)})")
     train = [(f"{path}#{i}", names[int(c)]) for i, c in enumerate(labels)]
     ev = [(f"{path}#{ev_key}_images:{i}", names[int(c)]) for i, c in enumerate(ev_labels)] if ev_key else None
-    return Found(train, ev, ev_key or "split", names)
+    notes = [_unused_note(path, ev_key, k, n) for k, n in unused.items()]
+    return Found(train, ev, ev_key or "split", names, notes=notes, unused=unused)
 
 
 _ROW = re.compile(r"^(?P<path>.+\.npz)#(?:(?P<key>\w+):)?(?P<row>\d+)$", re.IGNORECASE)
@@ -305,16 +335,19 @@ def npz_row(source: str) -> Image.Image:
 
 # ---- entry point ------------------------------------------------------------------------------------------------
 
-def find_examples(source: str | os.PathLike) -> Found:
-    """Read any supported dataset source; raise DataSourceError naming the file when it cannot be used."""
+def find_examples(source: str | os.PathLike, prefer: str = "test") -> Found:
+    """Read any supported dataset source; raise DataSourceError naming the file when it cannot be used.
+
+    `prefer` names the split evaluated on when the source has both val and test ("test": the score's split).
+    """
     path = Path(source)
     if path.is_dir():
-        return _read_folder(path)
+        return _read_folder(path, prefer)
     if not path.exists():
         raise DataSourceError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".jsonl"):
-        return _read_manifest(path)
+        return _read_manifest(path, prefer)
     if suffix == ".npz":
-        return _read_npz(path)
+        return _read_npz(path, prefer)
     raise DataSourceError(f"{path}: not a dataset (expected an image folder, a .csv or .jsonl manifest, or an .npz)")
