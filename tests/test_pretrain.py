@@ -47,6 +47,12 @@ def write_shapes_dataset(root: Path, n: int = 96, seed: int = 0, size: int = 40)
     return root / "train.jsonl"
 
 
+def first_sigmoid_loss(positives: int, classes: int) -> float:
+    """Sigmoid loss of one image when every logit is -10: softplus(10) per label, softplus(-10) per other class."""
+    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731 - -log(sigmoid(z)) = softplus(-z)
+    return positives * softplus(10.0) + (classes - positives) * softplus(-10.0)
+
+
 @pytest.fixture
 def one_thread():
     """Run torch on one thread: the 2 shared cores are slower with two contending threads."""
@@ -82,6 +88,25 @@ def test_plan_full_scale_and_bit_l_and_epochs():
     assert by_epochs.steps == 31 and by_epochs.warmup == 5  # ceil(3 x 1001 / 100)
 
 
+def test_warmup_keeps_the_share_of_images_at_other_batches():
+    n = 1_281_167  # bit-s: the full run is 28,151 updates at 4096, warmup 5000 of them (17.8% of the images)
+    full = make_plan(PretrainConfig(data="x", out="y", preset="bit-s"), examples=n)
+    at_512 = make_plan(PretrainConfig(data="x", out="y", preset="bit-s", batch=512), examples=n)
+    assert (full.steps, full.warmup) == (28_151, 5000)
+    assert at_512.steps == math.ceil(90 * n / 512) == 225_206
+    # 5000 x 4096 images of warmup at batch 512 are 40,000 updates: the same 17.8% share of the run.
+    assert at_512.warmup == 40_000 == 5000 * 4096 // 512
+    assert at_512.warmup / at_512.steps == pytest.approx(full.warmup / full.steps, rel=1e-3)
+    # A run that sees half the images warms up for half as long, at either batch.
+    half_512 = make_plan(PretrainConfig(data="x", out="y", preset="bit-s", batch=512, epochs=45), examples=n)
+    half_4096 = make_plan(PretrainConfig(data="x", out="y", preset="bit-s", epochs=45), examples=n)
+    assert half_512.warmup == 20_000 and half_4096.warmup == 2500
+    # A longer run than the preset's keeps the full 5000 x 4096 images of warmup, not more.
+    assert make_plan(PretrainConfig(data="x", out="y", preset="bit-s", batch=512), examples=2 * n).warmup == 40_000
+    explicit = make_plan(PretrainConfig(data="x", out="y", preset="bit-s", batch=512, warmup_steps=5000), examples=n)
+    assert explicit.warmup == 5000  # --warmup-steps still overrides
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="--epochs or --steps"):
         PretrainConfig(data="x", out="y", epochs=2, steps=3).validate()
@@ -89,6 +114,7 @@ def test_config_errors_are_clear():
         PretrainConfig(data="x", out="y", preset="bit-xl").validate()
     with pytest.raises(ValueError, match="loss must be"):
         PretrainConfig(data="x", out="y", loss="hinge").validate()
+    assert PretrainConfig(data="x", out="y").loss == "auto"
     with pytest.raises(ValueError, match="does not split into 2 process"):
         RankStepSampler(100, 10, 0, rank=0, world_size=2, batch_split=3)
 
@@ -220,11 +246,12 @@ def test_pretraining_decreases_the_loss(pretrained_run):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12
-    # The zero-initialised head scores 0 for all 6 classes: loss 6 ln 2 per example before any update.
-    assert losses[0] == pytest.approx(6 * math.log(2), rel=1e-5)
+    # Multi-label data, so the default loss is sigmoid and the head starts at zero kernel, bias -10: every logit
+    # is -10 before any update, and each image has 2 or 3 of the 6 labels.
+    assert first_sigmoid_loss(2, 6) <= losses[0] <= first_sigmoid_loss(3, 6)
     assert sum(losses[-4:]) / 4 < losses[0] - 0.5
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["eval_loss"] < 6 * math.log(2)
+    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"] < losses[0]
     assert summary["steps"] == 12 and summary["multi_label"] and summary["metric"] == "precision@1"
     assert summary["images_per_s"] > 0 and summary["eval_examples"] == 10
     for png in ("loss.png", "eval.png"):
@@ -319,5 +346,62 @@ def test_pretrains_from_tar_shards(tmp_path, one_thread):
                             batch=8, resolution=32, lr=0.02, log_every=1, workers=0)
     summary = run_pretrain(config, progress=False)
     assert summary["train_examples"] == 32 and summary["multi_label"] and summary["eval_examples"] == 8
-    assert summary["first_loss"] == pytest.approx(6 * math.log(2), rel=1e-5)
+    assert first_sigmoid_loss(2, 6) <= summary["first_loss"] <= first_sigmoid_loss(3, 6)
     assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- the loss follows the labels
+
+
+def _first_loss(out: Path) -> float:
+    return next(json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line))
+
+
+def test_default_loss_follows_the_labels_and_sigmoid_heads_start_at_bias_minus_10(tmp_path, one_thread):
+    from bigtransfer import read_checkpoint
+    from bigtransfer.pretrain import run_pretrain
+
+    # Multi-label: every image has exactly 2 of the 5 labels (a colour and a shape).
+    manifest = write_shapes_dataset(tmp_path / "multi", n=16)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps({"path": r["path"], "labels": r["labels"][:2]}) + "\n" for r in rows))
+    tiny = dict(model="R14x0.5", steps=1, batch=4, resolution=32, log_every=1, workers=0, holdout=0.25)
+    multi = run_pretrain(PretrainConfig(data=str(manifest), out=str(tmp_path / "m"), **tiny), progress=False)
+    # Zero kernel and bias -10: every logit of the first update is -10, whatever the image; 2 positives, 3 negatives.
+    assert multi["multi_label"] and multi["loss"] == "sigmoid"
+    assert _first_loss(tmp_path / "m") == pytest.approx(2 * math.log1p(math.exp(10.0)) + 3 * math.log1p(math.exp(-10.0)),
+                                                        rel=1e-5)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["loss"] == "sigmoid"
+
+    # Single-label folders: softmax with a zero head, so the first loss is ln(3) for 3 classes.
+    for c, colour in COLORS.items():
+        (tmp_path / "single" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), colour).save(tmp_path / "single" / c / f"{i}.png")
+    single = run_pretrain(PretrainConfig(data=str(tmp_path / "single"), out=str(tmp_path / "s"), **tiny),
+                          progress=False)
+    assert not single["multi_label"] and single["loss"] == "softmax"
+    assert _first_loss(tmp_path / "s") == pytest.approx(math.log(3.0), rel=1e-5)
+    # After one small update the heads are still near where they started: bias -10 (sigmoid), 0 (softmax).
+    for run, start, n in (("m", -10.0, 5), ("s", 0.0, 3)):
+        bias = read_checkpoint(tmp_path / run / "checkpoint.safetensors")[0]["head.bias"]
+        assert bias.tolist() == pytest.approx([start] * n, abs=1e-2), run
+
+
+def test_explicit_loss_resumes_and_auto_is_refused_where_it_would_train_another_loss(tmp_path, one_thread):
+    from dataclasses import replace
+
+    from bigtransfer.pretrain import run_pretrain
+
+    manifest = write_shapes_dataset(tmp_path / "multi", n=16)
+    config = PretrainConfig(data=str(manifest), out=str(tmp_path / "run"), model="R14x0.5", steps=2, batch=4,
+                            resolution=32, log_every=1, workers=0, loss="softmax", stop_after=1)
+    assert run_pretrain(config, progress=False)["stopped_at"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"] == "softmax"
+    with pytest.raises(ValueError, match=r"loss \(saved 'softmax', now 'sigmoid'\)"):
+        run_pretrain(replace(config, loss="auto", stop_after=None), progress=False)  # multi-label: auto is sigmoid
+    done = run_pretrain(replace(config, stop_after=None), progress=False)  # the same explicit flag resumes
+    assert done["resumed_from"] == 1 and done["loss"] == "softmax"
+    # The first update started from a zero head (softmax): 6 classes, labels spread over 2-3 of them.
+    assert math.log(6.0) <= _first_loss(tmp_path / "run") < math.log(6.0) + 0.1

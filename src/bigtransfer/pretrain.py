@@ -1,15 +1,17 @@
 """Upstream pre-training (BiT-S / BiT-M / BiT-L recipe) on one process or many (torchrun + torch.distributed).
 
 Recipe (spec section 4): SGD momentum 0.9, lr 0.03 x B / 256, weight decay 1e-4, linear warmup, x0.1 step decays
-at the preset's epochs, sigmoid cross-entropy over multi-hot labels, Inception crop + flip, no MixUp.
+at the preset's epochs, the loss the labels call for (below), Inception crop + flip, no MixUp.
 
 Length and schedule of a run of T updates at global batch B on n training images:
 - T = --steps, or ceil(epochs x n / B) (epochs: --epochs, else the preset's 90 / 90 / 40).
 - Decay boundaries: round(T x e / E) for the preset's decay epochs e of its E epochs (bit-s/bit-m: 30, 60, 80 of
   90; bit-l: 10, 23, 30, 37 of 40), so a shorter run decays at the same fractions of its length.
-- Warmup: 5000 updates when the run is as long as the preset's full run (E epochs of its dataset at batch 4096:
-  28,151 updates for bit-s, 311,949 for bit-m, 2,929,688 for bit-l), proportionally fewer for shorter runs:
-  min(5000, round(5000 x T / T_full)). --warmup-steps overrides it.
+- Warmup: the paper's 5000 updates at batch 4096 are a share of the images seen (17.8% of a BiT-S run), and that
+  share is kept at any batch (the linear-scaling reading, spec section 4): 5000 x 4096 / B updates when the run
+  sees as many images as the preset's full run (E epochs of its dataset: 28,151 updates at batch 4096 for bit-s,
+  311,949 for bit-m, 2,929,688 for bit-l), proportionally fewer for runs that see fewer:
+  round(min(5000 x 4096 / B, 5000 x T / T_full)). --warmup-steps overrides it.
 - lr(s) is the project's one piecewise rule (`hyperrule`): peak x s / warmup while s < warmup (the first update
   has lr 0), then peak / 10 ** (number of boundaries strictly below s).
 - Weight decay 1e-4 on every parameter, GroupNorm scales/offsets and the head bias included: the spec (and the
@@ -18,6 +20,9 @@ Length and schedule of a run of T updates at global batch B on n training images
   wd/2 x ||w||^2 loss term.
 - Loss: "sigmoid" = one binary cross-entropy per class, summed over classes and averaged over examples;
   "softmax" = cross-entropy against the labels spread evenly over an example's classes (plain CE when single-label).
+  "auto" (the default) follows the labels: softmax for single-label data, sigmoid for multi-label data, as the
+  authors' public configs do. The head starts at zero kernel and zero bias for softmax and bias -10 for sigmoid,
+  so the first sigmoid updates do not spend themselves pushing thousands of negative logits down (the label prior).
 - Held-out metric: precision@1 (the top-scoring class is one of the example's labels), which is top-1 accuracy
   on single-label data.
 
@@ -54,6 +59,8 @@ from .metrics import JsonlLogger, read_jsonl, to_json
 from .models import ResNetV2
 
 LOSSES = ("sigmoid", "softmax")
+LOSS_SETTINGS = ("auto", *LOSSES)  # auto: the one the labels call for (`resolve_loss`)
+SIGMOID_HEAD_BIAS = -10.0  # the initial head bias of sigmoid runs (the authors' configs); softmax runs start at 0
 PRECISIONS = ("fp32", "bf16")
 FULL_BATCH = 4096
 FULL_WARMUP = 5000
@@ -98,7 +105,7 @@ class PretrainConfig:
     batch: int | None = None
     batch_split: int = 1
     resolution: int | None = None
-    loss: str = "sigmoid"
+    loss: str = "auto"  # auto, sigmoid or softmax; a run saves the resolved one, so resuming compares that
     warmup_steps: int | None = None
     lr: float | None = None  # None: 0.03 x batch / 256
     weight_decay: float = 1e-4
@@ -140,8 +147,8 @@ class PretrainConfig:
                 raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise UserError(f"epochs must be positive, got {self.epochs}")
-        if self.loss not in LOSSES:
-            raise UserError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.loss not in LOSS_SETTINGS:
+            raise UserError(f"loss must be one of {', '.join(LOSS_SETTINGS)}, got {self.loss!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -207,7 +214,9 @@ def make_plan(config: PretrainConfig, examples: int) -> Plan:
     if config.warmup_steps is not None:
         warmup = config.warmup_steps
     else:
-        warmup = min(FULL_WARMUP, int(math.floor(FULL_WARMUP * steps / preset.full_steps + 0.5)))
+        # The same share of images as the full run's warmup: 5000 x 4096 images, fewer when the run sees fewer.
+        warmup = int(math.floor(min(FULL_WARMUP * preset.batch / batch, FULL_WARMUP * steps / preset.full_steps)
+                                + 0.5))
     peak = config.lr if config.lr is not None else 0.03 * batch / 256
     eval_every = config.eval_every or max(1, steps // 10)
     save_every = config.save_every or max(1, min(1000, steps // 10))
@@ -216,6 +225,20 @@ def make_plan(config: PretrainConfig, examples: int) -> Plan:
 
 
 # ---------------------------------------------------------------- model pieces
+
+def resolve_loss(setting: str, multi_label: bool) -> str:
+    """The loss a run trains with: `setting` itself, or for "auto" sigmoid on multi-label data and softmax else."""
+    if setting == "auto":
+        return "sigmoid" if multi_label else "softmax"
+    return setting
+
+
+def init_head(model: ResNetV2, loss: str) -> None:
+    """Zero head kernel; bias 0 for softmax, SIGMOID_HEAD_BIAS for sigmoid (spec section 4)."""
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(SIGMOID_HEAD_BIAS if loss == "sigmoid" else 0.0)
+
 
 def example_losses(logits: torch.Tensor, targets: torch.Tensor, kind: str = "sigmoid") -> torch.Tensor:
     """Per example: sigmoid cross-entropy summed over classes, or softmax cross-entropy against the labels spread evenly."""
@@ -352,6 +375,10 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
     out = Path(config.out)
     log = dist_utils.log
     data = _main_first(env, lambda: load_pretrain_data(config.data, config.holdout, config.seed, config.check_images))
+    chosen = resolve_loss(config.loss, data.multi_label)
+    log(f"loss: {chosen} cross-entropy" + (f" (auto: the data is {'multi' if data.multi_label else 'single'}-label)"
+                                           if config.loss == "auto" else ""))
+    config = replace(config, loss=chosen)  # saved and compared on resume as the loss actually trained with
     plan = make_plan(config, data.train_count)
     if plan.batch % (env.world_size * config.batch_split):
         raise UserError(f"batch {plan.batch} does not split into {env.world_size} processes x {config.batch_split} "
@@ -371,6 +398,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = create_model(config.model, num_classes=len(data.classes), pretrained=False)
+    init_head(model, config.loss)
     model.labels = list(data.classes)
     arch, ws_eps = model.arch, model.ws_eps
     if config.grad_checkpointing:
@@ -492,7 +520,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
         ips = timed_steps * plan.batch / train_time if train_time else None
         summary = {"steps": plan.steps, "resumed_from": start, "world_size": env.world_size, "backend": env.backend,
                    "device": env.device.type, "classes": len(data.classes), "multi_label": data.multi_label,
-                   "train_examples": data.train_count, "metric": metric_name,
+                   "train_examples": data.train_count, "metric": metric_name, "loss": config.loss,
                    "first_loss": first_loss, "final_loss": last_loss, **last_eval,
                    "images_per_s": ips, "images_per_s_per_process": ips / env.world_size if ips else None,
                    "timed_updates": timed_steps, "checkpoint": str(out / FINAL_FILE), "plan": asdict(plan)}

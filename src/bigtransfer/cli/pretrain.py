@@ -11,7 +11,7 @@ HELP = ("Pre-train a BiT model from scratch (BiT-S/M/L recipe); scale out with "
 
 def register(p: argparse.ArgumentParser) -> None:
     """Add this verb's options."""
-    from ..pretrain import LOSSES, PRECISIONS, PRESETS
+    from ..pretrain import LOSS_SETTINGS, PRECISIONS, PRESETS
 
     p.add_argument("--data", required=True,
                    help="multi-label JSONL manifest ({\"path\":..., \"labels\": [...]}), image folder, CSV/JSONL "
@@ -28,8 +28,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-split", type=int, default=1, metavar="Q",
                    help="micro-batches per update on each process (gradient accumulation; exact with GroupNorm)")
     p.add_argument("--resolution", type=int, help="training and evaluation size in pixels (default 224)")
-    p.add_argument("--loss", choices=LOSSES, default="sigmoid", help="sigmoid (multi-label, default) or softmax CE")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup updates (default: 5000 scaled by run length)")
+    p.add_argument("--loss", choices=LOSS_SETTINGS, default="auto",
+                   help="auto (default): softmax CE for single-label data, sigmoid CE (head bias -10) for multi-label")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup updates (default: the share of images of 5000 at "
+                                                    "batch 4096, i.e. 5000 x 4096 / batch for a full-length run, "
+                                                    "proportionally fewer for a shorter one)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 0.03 x batch / 256)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay (default 1e-4, on all weights)")
     p.add_argument("--no-decay-norm-bias", action="store_true", help="exempt GroupNorm and bias parameters from decay")
