@@ -15,6 +15,7 @@ import bigtransfer.protocols
 from bigtransfer.cli import main
 from bigtransfer.data import load_splits
 from bigtransfer.finetune import run_finetune
+from bigtransfer.protocols import percent
 
 from .test_finetune import make_image_folder
 
@@ -186,7 +187,7 @@ def vtab_run(vtab_root, tmp_path_factory):
     # finetune imports train_transform from bigtransfer.data when a run starts: record what each run asks for.
     mp.setattr(bigtransfer.data, "train_transform", lambda *a, **kw: transforms.append((a, kw)) or real(*a, **kw))
     argv = ["evaluate", "vtab", "--root", str(vtab_root), "--out", str(out), "--sweep", "--sweep-lr", "0.1", "0.3",
-            *TINY]
+            "--seeds", "1", *TINY]
     try:
         assert main(argv) == 0
     finally:
@@ -267,3 +268,83 @@ def test_vtab_without_any_task_is_one_clear_line(tmp_path, capsys):
     assert main(["evaluate", "vtab", "--root", str(tmp_path / "root"), "--out", str(tmp_path / "o"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "none of the VTAB-1k tasks is usable" in err and err.count("\n") == 1
+
+
+def test_vtab_runs_3_seeds_by_default_and_reports_their_median(vtab_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["evaluate", "vtab", "--root", str(vtab_root), "--out", str(out), "--tasks", "dtd", *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    task = results["tasks"]["dtd"]
+    finals = [summary_of(out / "dtd" / "final" / f"seed{s}") for s in range(3)]
+    assert sorted(p.name for p in (out / "dtd" / "final").iterdir()) == ["seed0", "seed1", "seed2"]
+    assert [settings_of(out / "dtd" / "final" / f"seed{s}")["seed"] for s in range(3)] == [0, 1, 2]
+    scores = [s["top1"] for s in finals]
+    assert results["seeds"] == task["seeds"] == 3 and [r["top1"] for r in task["runs"]] == scores
+    assert task["top1"] == statistics.median(scores) == results["groups"]["overall"]
+    assert (task["top1_min"], task["top1_max"]) == (min(scores), max(scores))
+    assert all(s["eval_split"] == "test" and s["eval_examples"] == 9 for s in finals)  # dtd: 3 classes x 3 test
+    assert f"| {percent(statistics.median(scores))} |" in (out / "results.md").read_text()
+    assert "median over 3 seeds" in (out / "results.md").read_text()
+
+
+def test_tuned_trials_are_seeded_log_uniform_draws_from_the_appendix_space():
+    from bigtransfer.protocols import TrainOptions
+    from bigtransfer.vtab_protocol import TUNED_MIXUP, TUNED_RESOLUTIONS, TUNED_STEPS, tuned_trial
+
+    free = TrainOptions()
+    draws = [tuned_trial("dtd", i, free) for i in range(2000)]
+    lrs = [d["base_lr"] for d in draws]
+    assert all(1e-4 <= v <= 1e-1 for v in lrs)
+    # Log-uniform over three decades: a third of the draws in each decade, half below the geometric midpoint.
+    for lo in (1e-4, 1e-3, 1e-2):
+        assert sum(lo <= v < 10 * lo for v in lrs) / len(lrs) == pytest.approx(1 / 3, abs=0.04)
+    assert sum(v < 10 ** -2.5 for v in lrs) / len(lrs) == pytest.approx(0.5, abs=0.04)
+    assert {d["steps"] for d in draws} == set(TUNED_STEPS) and {d["mixup_alpha"] for d in draws} == set(TUNED_MIXUP)
+    assert {d["resolution"] for d in draws} == {(r * 5 // 4, r) for r in TUNED_RESOLUTIONS}
+    assert tuned_trial("dtd", 7, free) == draws[7] and tuned_trial("svhn", 7, free) != draws[7]
+    # --steps / --resolution fix those settings and leave the other draws as they were.
+    fixed = tuned_trial("dtd", 7, TrainOptions(steps=2, resolution=(20, 16)))
+    assert fixed == {**draws[7], "steps": 2, "resolution": (20, 16)}
+
+
+def test_vtab_tuned_picks_the_best_trial_on_val200_then_retrains_on_1000(vtab_root, tmp_path, monkeypatch):
+    from bigtransfer.vtab_protocol import tuned_trial
+
+    out = tmp_path / "out"
+    argv = ["evaluate", "vtab", "--root", str(vtab_root), "--out", str(out), "--tasks", "svhn", "--tuned",
+            "--trials", "3", "--seeds", "1", *TINY]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    task = results["tasks"]["svhn"]
+    assert results["tuned"] and results["trials"] == 3
+    trials = []
+    for i in range(3):
+        run = out / "svhn" / "sweep" / f"trial{i:02d}"
+        s, settings = summary_of(run), settings_of(run)
+        drawn = tuned_trial("svhn", i, bigtransfer.protocols.TrainOptions(steps=2, resolution=(20, 16)))
+        assert settings["base_lr"] == drawn["base_lr"] and settings["mixup_alpha"] == drawn["mixup_alpha"]
+        assert settings["steps"] == 2 and settings["resolution"] == [20, 16]  # fixed by --steps / --resolution
+        assert json.loads((run / "config.json").read_text())["plan"]["mixup_alpha"] == drawn["mixup_alpha"]
+        assert s["examples"] == 4 * 2 and s["eval_examples"] == 2 * 2 and s["eval_split"] == "val"
+        trials.append((s["top1"], i, drawn))
+    best = max(trials, key=lambda t: (t[0], -t[1]))[2]  # ties: the first trial
+    final = out / "svhn" / "final" / "seed0"
+    assert settings_of(final)["base_lr"] == best["base_lr"] == task["base_lr"]
+    assert settings_of(final)["mixup_alpha"] == best["mixup_alpha"]
+    assert summary_of(final)["examples"] == 6 * 2 and summary_of(final)["eval_split"] == "test"
+    assert task["top1"] == summary_of(final)["top1"]
+    assert "Appendix A random search, 3 trials" in (out / "results.md").read_text()
+
+    def refuse(config):
+        raise AssertionError(f"retrained {config.out}")
+
+    monkeypatch.setattr(bigtransfer.protocols, "run_finetune", refuse)
+    assert main(argv) == 0  # resumable: every trial and the final run are reused
+    assert json.loads((out / "results.json").read_text())["runs_reused"] == 4
+
+
+def test_vtab_sweep_and_tuned_together_is_one_clear_line(vtab_root, tmp_path, capsys):
+    argv = ["evaluate", "vtab", "--root", str(vtab_root), "--out", str(tmp_path / "o"), "--sweep", "--tuned", *TINY]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--sweep and --tuned" in err and err.count("\n") == 1

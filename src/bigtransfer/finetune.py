@@ -38,7 +38,7 @@ from .registry import resolve
 
 # Settings that change what a run computes: resuming under different values would splice two different runs.
 SETTINGS_THAT_MATTER = ("data", "model", "weights", "examples_per_class", "seed", "steps", "batch", "resolution",
-                        "flip", "crop", "variant", "base_lr", "val_fraction", "precision", "split_seed")
+                        "flip", "crop", "variant", "base_lr", "val_fraction", "precision", "split_seed", "mixup_alpha")
 # Files a run writes; --overwrite removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "state.pt", "summary.json", "checkpoint.safetensors",
              "loss.png", "lr.png", "accuracy.png", "confusion.png")
@@ -79,6 +79,7 @@ class FinetuneConfig:
     base_lr: float | None = None  # lr at batch 512, scaled by batch / 512; None: the model's recommended value or 0.003
     val_fraction: float = 0.2  # held out per class when the data has no val/ or test/ split
     split_seed: int | None = None  # draws that held-out split; None: seed (the few-shot protocol fixes it)
+    mixup_alpha: float | None = None  # None: the HyperRule's (0 under 20k examples, else 0.1); VTAB's --tuned draws it
 
     def normalized(self) -> FinetuneConfig:
         """A copy with absolute paths and a tuple resolution, after checking every value."""
@@ -140,6 +141,9 @@ def _check_config(c: FinetuneConfig) -> None:
             raise UserError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
     if not (isinstance(c.val_fraction, int | float) and 0.0 < c.val_fraction < 1.0):
         raise UserError(f"val-fraction must be between 0 and 1, got {c.val_fraction!r}")
+    if c.mixup_alpha is not None and not (isinstance(c.mixup_alpha, int | float) and math.isfinite(c.mixup_alpha)
+                                          and c.mixup_alpha >= 0):
+        raise UserError(f"mixup alpha must be 0 or more, got {c.mixup_alpha!r}")
     if not (isinstance(c.base_lr, int | float) and math.isfinite(c.base_lr) and c.base_lr > 0):
         raise UserError(f"base lr must be a positive number, got {c.base_lr!r}")
     if not Path(c.data).expanduser().exists():
@@ -427,6 +431,9 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     plan = make_plan(len(splits.train), image_size_of(splits), batch=c.batch, steps=c.steps, variant=c.variant,
                      base_lr=c.base_lr, arch=c.model, resolution_override=c.resolution)
     say(plan.describe())
+    if c.mixup_alpha is not None:
+        plan = dataclasses.replace(plan, mixup_alpha=float(c.mixup_alpha))
+        say(f"  mixup alpha set to {c.mixup_alpha:g} for this run (instead of the HyperRule's)")
     if not (c.flip and c.crop):
         off = " and ".join(name for name, on in (("random crops", c.crop), ("horizontal flips", c.flip)) if not on)
         say(f"  augmentation: {off} turned off for this run" + ("" if c.crop else
