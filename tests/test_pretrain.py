@@ -107,6 +107,21 @@ def test_warmup_keeps_the_share_of_images_at_other_batches():
     assert explicit.warmup == 5000  # --warmup-steps still overrides
 
 
+def test_resuming_a_run_saved_under_the_old_warmup_rule_is_refused_with_the_flag_that_resumes_it():
+    from bigtransfer.pretrain import _check_warmup
+
+    n, path = 1_281_167, Path("run/state.pt")
+    config = PretrainConfig(data="x", out="y", preset="bit-s", batch=512)
+    plan = make_plan(config, examples=n)  # 40,000 updates of warm-up; the rule before capped it at 5000
+    with pytest.raises(ValueError, match="warms up for 5000 updates; now it would be 40000.*--warmup-steps 5000"):
+        _check_warmup({}, config, plan, path)  # a state from before the warm-up was recorded
+    _check_warmup({"warmup": 40_000}, config, plan, path)  # recorded and equal: resumes
+    short = PretrainConfig(data="x", out="y", preset="bit-s", batch=512, steps=900)
+    _check_warmup({}, short, make_plan(short, examples=n), path)  # both rules give 160 updates here
+    pinned = PretrainConfig(data="x", out="y", preset="bit-s", batch=512, warmup_steps=5000)
+    _check_warmup({}, pinned, make_plan(pinned, examples=n), path)  # explicit: compared as a setting instead
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="--epochs or --steps"):
         PretrainConfig(data="x", out="y", epochs=2, steps=3).validate()

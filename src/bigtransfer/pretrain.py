@@ -309,6 +309,20 @@ def _check_resumable(saved: dict[str, Any], config: PretrainConfig, path: Path) 
                          "logging may change) or choose another --out")
 
 
+def _check_warmup(saved: dict[str, Any], config: PretrainConfig, plan: Plan, path: Path) -> None:
+    """Refuse to resume under another warm-up length than the run started with (the default rule changed once).
+
+    States written before the warm-up was recorded used min(5000, 5000 x T / T_full) when no --warmup-steps was given.
+    """
+    before = saved.get("warmup")
+    if before is None and config.warmup_steps is None:
+        before = min(FULL_WARMUP, int(math.floor(FULL_WARMUP * plan.steps / config.preset_info().full_steps + 0.5)))
+    if before is not None and before != plan.warmup:
+        raise ValueError(f"{path} belongs to a run that warms up for {before} updates; now it would be {plan.warmup} "
+                         f"(the default warm-up now keeps the share of images at any batch). Resume with "
+                         f"--warmup-steps {before}, or choose another --out")
+
+
 def evaluate(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], env: dist_utils.DistEnv,
              loss_kind: str, precision: str, resolution: int, num_classes: int) -> dict[str, Any]:
     """Held-out loss and precision@1 over every process's share of the held-out set (a collective call)."""
@@ -423,6 +437,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
             if extra.get("kind") != "pretrain":
                 raise UserError(f"{state_path} was not written by 'bigtransfer pretrain'; choose another --out")
             _check_resumable(extra.get("config", {}), config, state_path)
+            _check_warmup(extra, config, plan, state_path)
             return step, {"world_size": extra.get("world_size")}
 
         start, extra = _main_first(env, read_state)  # only rank 0 reads the file; the weights are broadcast
@@ -441,7 +456,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
         if env.is_main:
             save_run_state(state_path, model=dist_utils.StateHolder(model_state),
                            optimizer=dist_utils.StateHolder(optim_state), step=step, kind="pretrain",
-                           config=asdict(config), world_size=env.world_size)
+                           config=asdict(config), world_size=env.world_size, warmup=plan.warmup)
         dist_utils.barrier()
         return model_state
 
