@@ -92,6 +92,23 @@ def test_train_val_test_folders_score_on_test(tmp_path):
     assert v.eval_name == "val" and len(v.eval) == 2 and v.unused == {"test": 3}
 
 
+def test_manifest_and_npz_with_val_and_test_score_on_test(tmp_path):
+    for i in range(7):
+        _png(tmp_path / "img" / f"{i}.png")
+    splits = ["train", "train", "train", "train", "val", "test", "test"]
+    rows = "path,label,split\n" + "".join(f"img/{i}.png,{'ab'[i % 2]},{sp}\n" for i, sp in enumerate(splits))
+    (tmp_path / "m.csv").write_text(rows)
+    s = load_splits(tmp_path / "m.csv")
+    assert s.eval_name == "test" and sorted(i.source[-5:] for i in s.eval) == ["5.png", "6.png"]
+    assert s.unused == {"val": 1}
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "d.npz", images=x, labels=np.array([0, 1, 0, 1]), val_images=x[:2], val_labels=np.array([0, 1]),
+             test_images=x[:3], test_labels=np.array([1, 0, 1]))
+    s = load_splits(tmp_path / "d.npz")
+    assert s.eval_name == "test" and [i.label for i in s.eval] == [0, 1, 1] and s.unused == {"val": 2}
+    assert all("#test_images:" in i.source for i in s.eval)
+
+
 def test_csv_manifest_relative_paths_and_natural_class_order(tmp_path):
     for i in range(5):
         _png(tmp_path / "img" / f"{i}.png")
