@@ -318,7 +318,7 @@ def _check_warmup(saved: dict[str, Any], config: PretrainConfig, plan: Plan, pat
     if before is None and config.warmup_steps is None:
         before = min(FULL_WARMUP, int(math.floor(FULL_WARMUP * plan.steps / config.preset_info().full_steps + 0.5)))
     if before is not None and before != plan.warmup:
-        raise ValueError(f"{path} belongs to a run that warms up for {before} updates; now it would be {plan.warmup} "
+        raise UserError(f"{path} belongs to a run that warms up for {before} updates; now it would be {plan.warmup} "
                          f"(the default warm-up now keeps the share of images at any batch). Resume with "
                          f"--warmup-steps {before}, or choose another --out")
 

@@ -80,7 +80,7 @@ class VtabConfig:
         check_positive("seeds", c.seeds)
         check_positive("trials", c.trials)
         if c.sweep and c.tuned:
-            raise ValueError("--sweep and --tuned are two ways to pick settings on val200; give one of them")
+            raise UserError("--sweep and --tuned are two ways to pick settings on val200; give one of them")
         c.sweep_lrs = tuple(float(v) for v in c.sweep_lrs)
         if not c.sweep_lrs or any(not v > 0 for v in c.sweep_lrs):
             raise UserError(f"sweep lrs must be positive numbers, got {list(c.sweep_lrs)}")
