@@ -5,12 +5,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
 
+PARTIAL_SUFFIX = ".partial"
+# Test-only hook, never for real runs: "NAME:N" makes this process kill itself (SIGKILL) in its N-th atomic write
+# of a file named NAME, after the temporary file is written and before it is renamed, so that tests can place a
+# kill exactly inside a save (tests/test_runs_survive.py).
+KILL_IN_WRITE_ENV = "BIGTRANSFER_TEST_KILL_IN_WRITE"
+_writes: Counter[str] = Counter()
 # What torch's zip writer raises when the disk fills up under it (it reports no errno).
 _TORCH_WRITE_FAILED = ("unexpected pos", "file write failed")
 
@@ -39,7 +47,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
     except OSError as e:
         raise _named(e, target) from None
     os.close(fd)
@@ -51,6 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp_path, 0o666 & ~umask)
+            _test_kill_point(target.name)
             os.replace(tmp_path, target)
         except (OSError, RuntimeError) as e:
             if _disk_full(e):
@@ -93,3 +102,28 @@ def atomic_group(*paths: str | os.PathLike) -> Iterator[list[Path]]:
             raise UserError(f"{p}: is a folder; cannot write a file there")
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(atomic_path(p)) for p in paths]
+
+
+def remove_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writers left directly in `folder`; return what was deleted.
+
+    Only the folder's owner may call this (see `bigtransfer.runfolder`): a live writer's temporary file looks
+    the same as a dead one's.
+    """
+    removed = []
+    for p in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _test_kill_point(name: str) -> None:
+    spec = os.environ.get(KILL_IN_WRITE_ENV)
+    if not spec:
+        return
+    wanted, _, count = spec.rpartition(":")
+    if name == wanted:
+        _writes[name] += 1
+        if _writes[name] == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)

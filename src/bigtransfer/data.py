@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import UserError
 from .images import ImageError, open_rgb
 from .paths import shown
+from .runfolder import ignore_sigterm
 from .sampling import StepSampler, batch_indices, sample_seed
 from .sources import DataSourceError, find_examples, is_npz_row, npz_row
 from .transforms import EvalTransform, TrainTransform, eval_transform, train_transform
@@ -329,7 +330,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     common = dict(num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
     if workers > 0:
-        common["prefetch_factor"] = 4
+        common.update(prefetch_factor=4, worker_init_fn=ignore_sigterm)  # the run stops them after saving
     if shuffle:
         sampler = StepSampler(len(dataset), batch_size, seed, start_step, steps, batch_split)
         return DataLoader(dataset, batch_sampler=sampler, **common)

@@ -29,6 +29,7 @@ from .protocols import (
     text_table,
     time_note,
 )
+from .runfolder import own_folder
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_SEEDS = 5
@@ -70,10 +71,15 @@ def run_dir(out: str | Path, shots: int, seed: int) -> Path:
 
 def run_fewshot(config: FewShotConfig, say: Say = print) -> dict[str, Any]:
     """Fine-tune for every K and seed (reusing finished runs), write the results and return them."""
-    from .data import load_splits
-
     t0 = time.perf_counter()
     c = config.normalized()
+    with own_folder(c.out, "output folder"):
+        return _run_fewshot(c, say, t0)
+
+
+def _run_fewshot(c: FewShotConfig, say: Say, t0: float) -> dict[str, Any]:
+    from .data import load_splits
+
     out = Path(c.out)
     # Before any training: the largest K must fit every class, and the data and model must be usable.
     probe = load_splits(c.data, seed=0, split_seed=c.split_seed, examples_per_class=max(c.shots),

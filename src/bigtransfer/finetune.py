@@ -35,6 +35,7 @@ from .hyperrule import BASE_LR
 from .metrics import Evaluation, JsonlLogger, read_jsonl, to_json
 from .paths import name_bytes
 from .registry import resolve
+from .runfolder import LOCK_FILE, StopOnSignal, own_folder
 
 # Settings that change what a run computes: resuming under different values would splice two different runs.
 SETTINGS_THAT_MATTER = ("data", "model", "weights", "examples_per_class", "seed", "steps", "batch", "resolution",
@@ -264,10 +265,10 @@ def _prepare_run_dir(c: FinetuneConfig) -> bool:
     out = Path(c.out)
     config_file = out / "config.json"
     if c.overwrite:
-        for name in RUN_FILES:
+        for name in reversed(RUN_FILES):  # config.json last: a folder half cleared still reads as a run folder
             (out / name).unlink(missing_ok=True)
         return False
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
         return False
     if not config_file.is_file():
         raise RunDirError(f"{out}: exists and is not a bigtransfer run directory (no config.json); "
@@ -398,10 +399,18 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     """Fine-tune as `config` says (resuming RUN/state.pt when present); return the summary also saved as summary.json.
 
     `on_step(done, record)` is called after every update (done = updates completed so far), after any
-    checkpoint of that step was written; an exception it raises stops the run as a kill would.
+    checkpoint of that step was written; an exception it raises stops the run as a kill would. RUN is locked for
+    the whole run (`bigtransfer.runfolder`); a SIGTERM stops it at the next step boundary with the state saved,
+    raising `runfolder.StopRequested`.
     """
     t_start = time.perf_counter()
     c = config.normalized()
+    with own_folder(c.out, "run folder"), StopOnSignal(Path(c.out) / "state.pt") as stop:
+        return _run(c, on_step, t_start, stop)
+
+
+def _run(c: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
+         stop: StopOnSignal) -> dict[str, Any]:
     out = Path(c.out)
     printer = _Printer(c)
     say = printer.say
@@ -487,14 +496,15 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
         counters["wall_time_s"] = wall_before + time.perf_counter() - t_start
         return {"fingerprint": fingerprint, "settings": settings, **counters}
 
-    def run_eval(done: int) -> dict[str, Any]:
+    def run_eval(done: int, log: bool = True) -> dict[str, Any]:
         result = evaluate(model, eval_loader, len(splits.classes), device=device, precision=c.precision)
         counters["eval_s"] += result["seconds"]
         counters["eval_images"] += result["examples"]
         # The confusions grow with the classes: only the final ones are kept (summary.json, confusion.png).
         record = {"step": done, "eval": {k: v for k, v in result.items() if k not in ("confusion", "top_confusions")}}
-        logger.log(record)
-        records.append(json.loads(to_json(record)))
+        if log:
+            logger.log(record)
+            records.append(json.loads(to_json(record)))
         say(f"eval at step {done}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f} "
             f"({result['examples']} {splits.eval_name} images)")
         if done == plan.end or time.perf_counter() - plotted[0] > PLOT_EVERY_S:
@@ -505,6 +515,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if resume else None)
     printer.start_bar(plan.end, start)
     try:
+        stop.arm()
         batches = iter(train_loader)
         waited = [0.0]
 
@@ -540,13 +551,18 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
             printer.step(done, plan.end, loss, lr, record["images_per_s"])
             if done % eval_every == 0 or done == plan.end:
                 last_eval = run_eval(done)
-            if done % save_every == 0 or done == plan.end:
+            stopping = stop.requested is not None and done < plan.end
+            if done % save_every == 0 or done == plan.end or stopping:
                 save_run_state(out / "state.pt", model=model, optimizer=optimizer, step=done, scaler=scaler,
                                **state_extra())
             if on_step is not None:
                 on_step(done, record)
+            if stopping:
+                raise stop.stopped(done, plan.end)
         if last_eval is None or start >= plan.end:  # a finished run resumed without a summary: evaluate again
-            last_eval = run_eval(plan.end)
+            # Its final evaluation is in the log already unless the run was killed before writing it.
+            logged = any(r["step"] == plan.end for r in records if "eval" in r)
+            last_eval = run_eval(plan.end, log=not logged)
             save_run_state(out / "state.pt", model=model, optimizer=optimizer, step=plan.end, scaler=scaler,
                            **state_extra())
     finally:

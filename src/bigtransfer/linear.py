@@ -234,14 +234,8 @@ class FrozenEvalConfig:
 def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print) -> dict:
     """Extract (or reuse cached) pre-logits, fit the linear probe or k-NN, score on the eval split, write OUT."""
     # Imported here: the classifiers above need none of the data, model or file machinery.
-    from .atomic import write_text
     from .checks import check_out_folder
-    from .data import DataSourceError, image_size_of, load_splits
-    from .device import pick_device
-    from .features import extract_features, weights_digest
-    from .hyperrule import resolution as hyperrule_resolution
-    from .inference import load_model
-    from .metrics import confusion_report, to_json
+    from .runfolder import own_folder
 
     c = dataclasses.replace(config)
     c.check()
@@ -252,6 +246,19 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
     check_out_folder(c.out)
     if c.cache is not None and c.use_cache:
         check_out_folder(c.cache, flag="--cache")
+    with own_folder(c.out, "output folder"):
+        return _frozen_eval(c, say)
+
+
+def _frozen_eval(c: FrozenEvalConfig, say: Callable[[str], None]) -> dict:
+    from .atomic import write_text
+    from .data import DataSourceError, image_size_of, load_splits
+    from .device import pick_device
+    from .features import extract_features, weights_digest
+    from .hyperrule import resolution as hyperrule_resolution
+    from .inference import load_model
+    from .metrics import confusion_report, to_json
+
     out = Path(c.out)
     t0 = time.perf_counter()
     # The evaluation split must not move with the few-shot seed, so it is drawn with a fixed split seed.

@@ -57,6 +57,7 @@ from .errors import UserError, is_user_error
 from .hyperrule import idle_warning, piecewise_lr
 from .metrics import JsonlLogger, read_jsonl, to_json
 from .models import ResNetV2
+from .runfolder import StopOnSignal, own_folder
 
 LOSSES = ("sigmoid", "softmax")
 LOSS_SETTINGS = ("auto", *LOSSES)  # auto: the one the labels call for (`resolve_loss`)
@@ -371,12 +372,28 @@ def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any
                      out=str(Path(config.out).expanduser().resolve()))
     env = dist_utils.init_distributed(config.device)
     try:
-        return _run(config, env, progress)
+        with contextlib.ExitStack() as owner:
+            def take_folder() -> None:
+                owner.enter_context(own_folder(config.out, "run folder"))
+
+            # Only rank 0 locks the folder: it alone writes there, and the other ranks may run on other nodes.
+            _main_first(env, take_folder)
+            stop = owner.enter_context(StopOnSignal(Path(config.out) / STATE_FILE, report=env.is_main))
+            return _run(config, env, progress, stop)
     finally:
         dist_utils.cleanup()
 
 
-def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dict[str, Any]:
+def _logged_before(path: Path, steps: int) -> tuple[float | None, float | None, dict[str, Any] | None]:
+    """From a resumed run's log: its first and last logged training loss, and its final evaluation if logged."""
+    records = read_jsonl(path)
+    losses = [r["loss"] for r in records if "loss" in r]
+    final = next((r for r in records if "eval_loss" in r and r["step"] == steps), None)
+    return (losses[0] if losses else None, losses[-1] if losses else None,
+            {k: v for k, v in final.items() if k != "step"} if final else None)
+
+
+def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: StopOnSignal) -> dict[str, Any]:
     from tqdm import tqdm
 
     from .checkpoints import load_state, save_checkpoint
@@ -427,7 +444,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
                     fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
 
     state_path = out / STATE_FILE
-    start = 0
+    start, extra = 0, {}
     if dist_utils.broadcast_object(state_path.is_file()):  # rank 0's view of the (shared) run folder decides
         holders = dist_utils.StateHolder({}), dist_utils.StateHolder({})
 
@@ -438,7 +455,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
                 raise UserError(f"{state_path} was not written by 'bigtransfer pretrain'; choose another --out")
             _check_resumable(extra.get("config", {}), config, state_path)
             _check_warmup(extra, config, plan, state_path)
-            return step, {"world_size": extra.get("world_size")}
+            return step, {"world_size": extra.get("world_size"), "pending_loss": extra.get("pending_loss")}
 
         start, extra = _main_first(env, read_state)  # only rank 0 reads the file; the weights are broadcast
         dist_utils.load_full_state(net, optimizer, holders[0].state, holders[1].state)
@@ -447,16 +464,26 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
     if env.is_main:
         write_text(out / "config.json", to_json({**asdict(config), "plan": asdict(plan)}, indent=2) + "\n")
     logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if start else None) if env.is_main else None
+    first_loss, last_loss, logged_eval = None, None, None
+    if start:
+        first_loss, last_loss, logged_eval = dist_utils.broadcast_object(
+            _logged_before(out / "metrics.jsonl", plan.steps) if env.is_main else None)
+    local = torch.zeros(2, dtype=torch.float64)  # loss sum, examples since the last log line (over all ranks)
+    if start and env.is_main and extra.get("pending_loss"):
+        local += torch.tensor(extra["pending_loss"], dtype=torch.float64)
 
     batches = train_batches(data, plan.resolution, plan.batch, config.seed, env.rank, env.world_size,
                             config.batch_split, start, plan.steps, config.workers)
 
     def save_state(step: int) -> dict[str, torch.Tensor]:
         model_state, optim_state = dist_utils.gather_full_state(net, optimizer)  # collective: every rank calls it
+        # The loss summed since the last log line goes with the state, so a resumed run logs what an unbroken one would.
+        pending = dist_utils.all_reduce_sum(local.to(env.device)).cpu().tolist()
         if env.is_main:
             save_run_state(state_path, model=dist_utils.StateHolder(model_state),
                            optimizer=dist_utils.StateHolder(optim_state), step=step, kind="pretrain",
-                           config=asdict(config), world_size=env.world_size, warmup=plan.warmup)
+                           config=asdict(config), world_size=env.world_size, warmup=plan.warmup,
+                           pending_loss=pending)
         dist_utils.barrier()
         return model_state
 
@@ -471,8 +498,8 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
         return result
 
     net.train()
-    local = torch.zeros(2, dtype=torch.float64)  # loss sum, examples since the last log line
-    train_time, timed_steps, last_eval, first_loss, last_loss = 0.0, 0, {}, None, None
+    train_time, timed_steps, last_eval = 0.0, 0, {}
+    stop.arm()
     bar = tqdm(total=plan.steps, initial=start, desc="pre-training", unit="update",
                disable=not (progress and env.is_main))
     for step in range(start, plan.steps):
@@ -496,7 +523,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
             timed_steps += 1
         done = step + 1
         bar.update(1)
-        if done % config.log_every == 0 or done == plan.steps or done == start + 1:
+        if done % config.log_every == 0 or done == plan.steps or done == 1:
             loss_sum, count = dist_utils.all_reduce_sum(local.to(env.device)).cpu().tolist()
             local.zero_()
             mean = loss_sum / count
@@ -520,11 +547,18 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool) -> dic
                 logger.close()
             return {"steps": plan.steps, "stopped_at": done, "resumed_from": start, "world_size": env.world_size,
                     "final_loss": last_loss, "first_loss": first_loss}
-        if done % plan.save_every == 0 and done != plan.steps:
+        # Every rank stops at the same update, whichever of them got the signal (a collective call).
+        signalled = done < plan.steps and dist_utils.any_process(stop.requested is not None, env.device)
+        if (done % plan.save_every == 0 or signalled) and done != plan.steps:
             save_state(done)
+        if signalled:
+            bar.close()
+            if logger:
+                logger.close()
+            raise stop.stopped(done, plan.steps)
     bar.close()
-    if start >= plan.steps:
-        last_eval = eval_now(plan.steps)
+    if start >= plan.steps:  # a finished run again: its final evaluation is in the log unless killed before it
+        last_eval = logged_eval if logged_eval is not None else eval_now(plan.steps)
     model_state = save_state(plan.steps)
     summary: dict[str, Any] = {}
     if env.is_main:

@@ -26,6 +26,7 @@ from .errors import UserError
 from .images import to_tensor
 from .packed import PackedSet, crop_flip_batch, find_packed_sets, open_packed, squash_batch
 from .paths import shown
+from .runfolder import ignore_sigterm
 from .sampling import batch_indices, sample_seed
 from .sources import is_label, manifest_image, manifest_rows, natural_sorted, refuse_repeats
 
@@ -191,7 +192,8 @@ class RankStepSampler(Sampler[list[tuple[int, int]]]):
 
 
 def _loader_options(workers: int, persistent: bool = True) -> dict:
-    extra = {"prefetch_factor": 4, "persistent_workers": persistent} if workers > 0 else {}
+    # Workers ignore SIGTERM: the training process saves at the next step boundary and then stops them.
+    extra = {"prefetch_factor": 4, "persistent_workers": persistent, "worker_init_fn": ignore_sigterm} if workers else {}
     return {"num_workers": workers, "pin_memory": torch.cuda.is_available(), **extra}
 
 

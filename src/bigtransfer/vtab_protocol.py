@@ -42,6 +42,7 @@ from .protocols import (
     time_note,
     write_split_manifest,
 )
+from .runfolder import own_folder
 
 # The default sweep: the HyperRule's lr and one step of about 3x either side, at the HyperRule's length.
 # The spec fixes no VTAB grid; wider grids are a --sweep-lr / --sweep-steps away.
@@ -132,10 +133,15 @@ def _manifest_rows(task: Any, train_split: str, eval_split: str, eval_kind: str)
 
 def run_vtab(config: VtabConfig, say: Say = print) -> dict[str, Any]:
     """Run the protocol on every task found (reusing finished runs), write the results and return them."""
-    from .vtab import read_vtab
-
     t0 = time.perf_counter()
     c = config.normalized()
+    with own_folder(c.out, "output folder"):
+        return _run_vtab(c, say, t0)
+
+
+def _run_vtab(c: VtabConfig, say: Say, t0: float) -> dict[str, Any]:
+    from .vtab import read_vtab
+
     out = Path(c.out)
     data = read_vtab(c.root, c.tasks)
     say(data.report())

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..errors import is_user_error
+from ..runfolder import StopRequested
 
 # Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
 VERBS = ["models", "convert", "hyperrule", "finetune", "demo", "predict", "embed", "export", "evaluate", "pretrain",
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except StopRequested as e:  # SIGTERM: the run saved its state at a step boundary
+        if e.report:
+            print(f"bigtransfer {args.verb}: {e}", file=sys.stderr, flush=True)
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

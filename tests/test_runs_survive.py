@@ -1,0 +1,291 @@
+"""Runs that survive anything: one owner per run folder, SIGTERM saves and exits 143, and a chaos test of SIGKILLs
+at seeded random moments (inside saves included) after which the same command ends bit-identical to an unbroken run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bigtransfer.data
+import bigtransfer.pretrain_data
+import bigtransfer.runfolder as runfolder
+import bigtransfer.vtab
+from bigtransfer import read_checkpoint
+from bigtransfer.atomic import KILL_IN_WRITE_ENV
+from bigtransfer.cli import main
+from bigtransfer.errors import UserError
+from bigtransfer.metrics import read_jsonl
+from bigtransfer.runfolder import LOCK_FILE, FolderBusy, own_folder, read_owner
+
+from .test_finetune import make_image_folder
+from .test_pretrain import write_shapes_dataset
+
+# The same thread count as this process (conftest sets 1): CPU kernels may sum in another order with another count.
+ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+HOLDER = ("import sys, time\nfrom bigtransfer.runfolder import own_folder\n"
+          "with own_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n")
+FT_TINY = ["--model", "R14x0.5", "--batch", "4", "--resolution", "36", "32", "--quiet"]
+PT_TINY = ["--model", "R14x0.5", "--steps", "8", "--batch", "8", "--resolution", "32", "--lr", "0.05",
+           "--warmup-steps", "2", "--log-every", "3", "--eval-every", "4", "--save-every", "1", "--holdout", "0.25",
+           "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("colours"), per_class=6)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), n=32)
+
+
+def _start(cmd: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def _hold(path: Path) -> subprocess.Popen:
+    """Another process that owns `path` through the library, until killed."""
+    proc = _start([sys.executable, "-c", HOLDER, str(path)])
+    assert proc.stdout.readline().strip() == "held", proc.stderr.read()
+    return proc
+
+
+def _bigtransfer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bigtransfer", *args]
+
+
+# ---------------------------------------------------------------- one owner per folder
+
+
+def test_every_writing_verb_is_refused_at_once_naming_the_owner(folder, manifest, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "busy"
+    owner = _hold(run)
+    try:
+        def no_loading(*a, **k):
+            raise AssertionError("data loaded although the folder is owned by another process")
+
+        for module, name in ((bigtransfer.data, "load_splits"), (bigtransfer.pretrain_data, "load_pretrain_data"),
+                             (bigtransfer.vtab, "read_vtab")):
+            monkeypatch.setattr(module, name, no_loading)
+        data, out = ["--data", str(folder)], ["--out", str(run)]
+        verbs = {
+            "finetune": ["finetune", *data, *out, *FT_TINY],
+            "pretrain": ["pretrain", "--data", str(manifest), *out, *PT_TINY],
+            "linear": ["evaluate", "linear", *data, *out, "--model", "R14x0.5"],
+            "knn": ["evaluate", "knn", *data, *out, "--model", "R14x0.5"],
+            "fewshot": ["evaluate", "fewshot", *data, *out, "--model", "R14x0.5", "--shots", "1"],
+            "vtab": ["evaluate", "vtab", "--root", str(folder), *out, "--model", "R14x0.5"],
+        }
+        for name, argv in verbs.items():
+            t0 = time.perf_counter()
+            rc = main(argv)
+            seconds = time.perf_counter() - t0
+            err = capsys.readouterr().err.strip()
+            assert rc == 2 and err.count("\n") == 0, (name, err)
+            assert f"{run}: this" in err and "in use by another process" in err, (name, err)
+            assert f"pid {owner.pid} on host {socket.gethostname()}" in err and "choose another --out" in err, err
+            assert seconds < 2.0, (name, seconds)
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written, the owner's lock intact
+        assert read_owner(run)["pid"] == owner.pid
+    finally:
+        _stop(owner)
+
+
+def test_a_killed_owner_leaves_no_lock(tmp_path):
+    run = tmp_path / "run"
+    owner = _hold(run)
+    with pytest.raises(FolderBusy, match=f"pid {owner.pid}"):
+        with own_folder(run):
+            pass
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert read_owner(run)["pid"] == owner.pid  # its lock file is still there, but no process holds the lock
+    with own_folder(run) as held:
+        assert held == run and read_owner(run)["pid"] == os.getpid()
+        (run / "result.txt").write_text("kept")
+    assert sorted(p.name for p in run.iterdir()) == ["result.txt"]  # the lock file goes with its owner
+
+
+def test_one_owner_within_a_process_and_nothing_left_by_a_refused_run(tmp_path):
+    run = tmp_path / "new"
+    with own_folder(run):
+        with pytest.raises(FolderBusy, match="this process already uses"):
+            with own_folder(tmp_path / "x" / ".." / "new"):
+                pass
+    assert not run.exists()  # created for the block and left empty: removed
+    with pytest.raises(KeyError), own_folder(run):
+        raise KeyError("a run that fails before writing anything")
+    assert not run.exists()
+    (run / "sub").mkdir(parents=True)
+    (run / ".checkpoint.safetensors.abc123.partial").write_text("a killed writer's leftover")
+    with own_folder(run):
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "sub"]
+
+
+def test_a_filesystem_without_locks_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(runfolder.fcntl, "lockf", no_locks)
+    with pytest.raises(UserError, match="does not support POSIX locks.*BIGTRANSFER_NO_LOCK=1"):
+        with own_folder(tmp_path / "run"):
+            pass
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("BIGTRANSFER_NO_LOCK", "1")
+    with pytest.warns(UserWarning, match="is not locked"), own_folder(tmp_path / "run"):
+        assert (tmp_path / "run").is_dir()
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)[0]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def _no_timings(record):
+    """A metrics record without its wall-clock measurements (they differ between any two runs)."""
+    if isinstance(record, dict):
+        return {k: _no_timings(v) for k, v in record.items() if "per_s" not in k and k != "seconds"}
+    return record
+
+
+def _assert_same_log(a: Path, b: Path) -> None:
+    """Both runs logged the same records (each step once, in order) with the same values, timings aside."""
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    assert [_no_timings(r) for r in ra] == [_no_timings(r) for r in rb]
+
+
+def _leftovers(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.name.endswith(".partial") or p.name == LOCK_FILE)
+
+
+def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float = 120) -> bool:
+    """Wait until the run logged a record at `step` or later; False when the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if any(r.get("step", 0) >= step for r in read_jsonl(run / "metrics.jsonl")):
+            return True
+        time.sleep(0.02)
+    raise AssertionError(f"{run}: no step {step} within {timeout} s")
+
+
+def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_same_command_resumes(folder, tmp_path, capsys):
+    """SIGTERM to the whole process group, as a scheduler sends it (the DataLoader worker too)."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    args = ["--data", str(folder), "--steps", "12", "--save-every", "100", "--eval-every", "12", "--workers", "1",
+            *FT_TINY]
+    proc = _start(_bigtransfer("finetune", *args, "--out", str(run)), start_new_session=True)
+    try:
+        assert _wait_for_step(proc, run, 2), proc.communicate()
+        assert main(["finetune", *args, "--out", str(run)]) == 2  # a second owner, while the first trains
+        assert f"pid {proc.pid}" in capsys.readouterr().err
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err and "run the same command to continue" in err, err
+    state = torch.load(run / "state.pt", weights_only=False)
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert steps == list(range(1, state["step"] + 1)) and 2 <= state["step"] < 12
+    assert f"after step {state['step']} of 12" in err
+    assert _leftovers(run) == [] and not (run / "summary.json").exists()
+
+    assert main(["finetune", *args, "--out", str(run)]) == 0
+    assert f"resuming {run} from step {state['step']}" in capsys.readouterr().out
+    assert main(["finetune", *args, "--out", str(straight)]) == 0
+    _assert_same_weights(run / "checkpoint.safetensors", straight / "checkpoint.safetensors")
+    _assert_same_log(run, straight)
+
+
+# ---------------------------------------------------------------- chaos
+
+
+def _chaos(cmd: list[str], run: Path, moments: list[tuple[str, object]], rng: random.Random) -> list[str]:
+    """Start `cmd` once per moment and end each process there; return what happened, for the failure message.
+
+    ("write", "NAME:N"): the process kills itself inside its N-th save of NAME (temporary file written, not yet
+    renamed); ("step", K): SIGKILL a random 0-0.3 s after the log reaches K steps past what it held before;
+    ("term", K): SIGTERM when the log reaches K steps further, which must end in exit status 143 with a resume hint.
+    """
+    story = []
+    for kind, arg in moments:
+        env = {**ENV, KILL_IN_WRITE_ENV: str(arg)} if kind == "write" else ENV
+        logged = max((r["step"] for r in read_jsonl(run / "metrics.jsonl")), default=0)
+        proc = _start(cmd, env)
+        try:
+            if kind in ("step", "term") and _wait_for_step(proc, run, logged + int(arg)) and kind == "step":
+                time.sleep(rng.uniform(0.0, 0.3))
+            if kind != "write" and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM if kind == "term" else signal.SIGKILL)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            _stop(proc)
+        steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "eval" not in r and "eval_loss" not in r]
+        story.append(f"{kind} {arg}: rc {proc.returncode}, logged up to step {max(steps, default=0)}")
+        expected = {"term": 143, "write": -signal.SIGKILL}.get(kind, -signal.SIGKILL)
+        assert proc.returncode == expected, (story, err[-2000:])
+        if kind == "term":
+            assert "run the same command to continue" in err, err
+    return story
+
+
+def test_chaos_finetune_killed_at_random_moments_ends_as_an_unbroken_run(folder, tmp_path, capsys):
+    args = ["--data", str(folder), "--steps", "8", "--save-every", "1", "--eval-every", "4", "--workers", "0", *FT_TINY]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    rng = random.Random(18)
+    middle = [("write", f"state.pt:{rng.randint(1, 2)}"), ("write", "metrics.jsonl:1"), ("step", rng.randint(1, 2)),
+              ("step", rng.randint(1, 2))]
+    rng.shuffle(middle)
+    moments = [("write", "config.json:1"), *middle, ("write", "checkpoint.safetensors:1")]
+    story = _chaos(_bigtransfer("finetune", *args, "--out", str(run)), run, moments, rng)
+    assert main(["finetune", *args, "--out", str(run)]) == 0, (story, capsys.readouterr().err)  # the same command
+    assert main(["finetune", *args, "--out", str(straight)]) == 0
+    _assert_same_weights(run / "checkpoint.safetensors", straight / "checkpoint.safetensors")
+    _assert_same_log(run, straight)
+    assert _leftovers(run) == [], story
+
+
+def test_chaos_pretrain_killed_at_random_moments_ends_as_an_unbroken_run(manifest, tmp_path, capsys):
+    args = ["--data", str(manifest), *PT_TINY]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    rng = random.Random(18)
+    middle = [("write", f"state.pt:{rng.randint(1, 2)}"), ("write", "metrics.jsonl:1"), ("step", rng.randint(1, 2)),
+              ("step", rng.randint(1, 2)), ("term", 1)]
+    rng.shuffle(middle)
+    moments = [*middle, ("write", "checkpoint.safetensors:1")]
+    story = _chaos(_bigtransfer("pretrain", *args, "--out", str(run)), run, moments, rng)
+    assert main(["pretrain", *args, "--out", str(run)]) == 0, (story, capsys.readouterr().err)  # the same command
+    assert main(["pretrain", *args, "--out", str(straight)]) == 0
+    _assert_same_weights(run / "checkpoint.safetensors", straight / "checkpoint.safetensors")
+    _assert_same_log(run, straight)
+    assert _leftovers(run) == [], story
