@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from bigtransfer import read_checkpoint
 from bigtransfer.atomic import KILL_IN_WRITE_ENV
 from bigtransfer.cli import main
 from bigtransfer.errors import UserError
+from bigtransfer.finetune import FinetuneConfig, run_finetune
 from bigtransfer.metrics import read_jsonl
 from bigtransfer.runfolder import LOCK_FILE, FolderBusy, own_folder, read_owner
 
@@ -213,18 +215,32 @@ def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_same_command_resum
     finally:
         _stop(proc)
     assert proc.returncode == 143, err
-    assert "stopped by SIGTERM after step" in err and "run the same command to continue" in err, err
-    state = torch.load(run / "state.pt", weights_only=False)
-    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
-    assert steps == list(range(1, state["step"] + 1)) and 2 <= state["step"] < 12
-    assert f"after step {state['step']} of 12" in err
+    stopped = re.search(r"stopped by SIGTERM after step (\d+) of 12; the state is saved in (.+): run the same "
+                        r"command to continue", err)
+    assert stopped and stopped[2] == str(run / "state.pt"), err
+    step = int(stopped[1])
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, step + 1)) and 2 <= step < 12
     assert _leftovers(run) == [] and not (run / "summary.json").exists()
 
     assert main(["finetune", *args, "--out", str(run)]) == 0
-    assert f"resuming {run} from step {state['step']}" in capsys.readouterr().out
+    assert f"resuming {run} from step {step} of 12" in capsys.readouterr().out  # the state saved at the boundary
     assert main(["finetune", *args, "--out", str(straight)]) == 0
     _assert_same_weights(run / "checkpoint.safetensors", straight / "checkpoint.safetensors")
     _assert_same_log(run, straight)
+
+
+def test_ctrl_c_says_how_to_resume(folder, tmp_path, capsys):
+    def ctrl_c_after_step_2(done, record):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    config = FinetuneConfig(data=str(folder), out=str(tmp_path / "run"), model="R14x0.5", steps=4, batch=4,
+                            resolution=(36, 32), workers=0, silent=True, save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, on_step=ctrl_c_after_step_2)
+    err = capsys.readouterr().err
+    assert f"interrupted; the last saved state is in {tmp_path / 'run' / 'state.pt'}: run the same command" in err
+    assert _leftovers(tmp_path / "run") == []
 
 
 # ---------------------------------------------------------------- chaos

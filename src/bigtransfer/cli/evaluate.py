@@ -25,7 +25,7 @@ def _register_frozen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples-per-class", type=int, metavar="K", help="few-shot: K training images per class, "
                                                                          "chosen by --seed (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K-shot subset and the validation split")
-    p.add_argument("--out", required=True, help="folder for config.json and results.json")
+    p.add_argument("--out", required=True, help="folder for config.json and results.json (locked while in use)")
     p.add_argument("--cache", help="feature cache folder (default: 'features' in the download cache)")
     p.add_argument("--no-cache", action="store_true", help="always extract features, store nothing")
 
@@ -57,7 +57,8 @@ def _register_training(p: argparse.ArgumentParser) -> None:
                    help="a name from 'bigtransfer models' or R<depth>x<width> (from scratch unless --weights)")
     p.add_argument("--weights", metavar="PATH", help="start every run from this checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for every run, config.json and the results "
-                                                                "(re-run the command to reuse finished runs)")
+                                                                "(re-run the command to reuse finished runs; locked "
+                                                                "while in use)")
     p.add_argument("--steps", type=int, metavar="S", help="updates per run (default: the HyperRule's)")
     p.add_argument("--batch", type=int, default=512, metavar="B", help="global batch size (default 512)")
     p.add_argument("--batch-split", type=int, default=1, metavar="Q", help="micro-batches per batch (default 1)")

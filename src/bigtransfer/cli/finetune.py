@@ -16,7 +16,8 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="a name from 'bigtransfer models' (released names load their weights) or R<depth>x<width> "
                         "(from scratch unless --weights)")
     p.add_argument("--weights", metavar="PATH", help="start from this checkpoint (.npz, .safetensors, .pt)")
-    p.add_argument("--out", required=True, metavar="RUN", help="run directory (created; re-run to resume)")
+    p.add_argument("--out", required=True, metavar="RUN",
+                   help="run directory (created; re-run to resume; locked while a run uses it: one process at a time)")
     p.add_argument("--examples-per-class", type=int, metavar="K", help="few-shot: K training images per class")
     p.add_argument("--seed", type=int, default=0, help="picks the K-shot subset, split, data order (default 0)")
     p.add_argument("--steps", type=int, metavar="S", help="number of updates (default: the HyperRule's)")

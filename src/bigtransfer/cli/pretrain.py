@@ -18,7 +18,8 @@ def register(p: argparse.ArgumentParser) -> None:
                         "manifest or .npz")
     p.add_argument("--model", required=True, help="model name or architecture, e.g. R50x1 or BiT-M-R50x1 (random init)")
     p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, summary.json, plots, "
-                                                "state.pt (resumed when present), checkpoint.safetensors")
+                                                "state.pt (resumed when present), checkpoint.safetensors; locked "
+                                                "while a run uses it (rank 0 holds OUT/.lock)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="bit-m",
                    help="upstream recipe: decay epochs, default length, batch 4096, 224 px (default bit-m)")
     length = p.add_mutually_exclusive_group()
@@ -79,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         metric = summary.get("eval_precision_at_1")
         ips = summary.get("images_per_s")
-        print(f"pre-trained {summary['steps']} updates on {summary['world_size']} process(es): final loss "
-              f"{summary['final_loss']:.4f}" + (f", held-out {summary['metric']} {metric:.4f}" if metric is not None else "")
+        loss = summary.get("final_loss")  # None only when the log of a finished run was deleted
+        print(f"pre-trained {summary['steps']} updates on {summary['world_size']} process(es)"
+              + (f": final loss {loss:.4f}" if loss is not None else "")
+              + (f", held-out {summary['metric']} {metric:.4f}" if metric is not None else "")
               + (f", {ips:.1f} images/s" if ips else "") + f"; weights in {summary['checkpoint']}")
     return 0
