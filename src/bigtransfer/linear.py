@@ -233,7 +233,6 @@ class FrozenEvalConfig:
 
 def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print) -> dict:
     """Extract (or reuse cached) pre-logits, fit the linear probe or k-NN, score on the eval split, write OUT."""
-    # Imported here: the classifiers above need none of the data, model or file machinery.
     from .checks import check_out_folder
     from .runfolder import own_folder
 
@@ -251,6 +250,7 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
 
 
 def _frozen_eval(c: FrozenEvalConfig, say: Callable[[str], None]) -> dict:
+    # Imported here: the classifiers above need none of the data, model or file machinery.
     from .atomic import write_text
     from .data import DataSourceError, image_size_of, load_splits
     from .device import pick_device

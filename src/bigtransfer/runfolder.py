@@ -95,6 +95,8 @@ def _locked(folder: Path, what: str) -> Iterator[Path]:
             created = True
         except FileExistsError:
             pass
+        except OSError as e:  # read-only, no permission: one clear line, on every rank of a distributed run
+            raise UserError(f"{folder}: cannot create this {what} ({e.strerror})") from None
         fd = _lock(folder, what)
         remove_partials(folder)  # the owner is the only writer: these are a killed writer's leftovers
         yield folder
@@ -118,13 +120,10 @@ def _lock(folder: Path, what: str) -> int:
         raise UserError(f"{folder}: cannot lock this {what}: this platform has no POSIX file locks (fcntl); set "
                         f"{NO_LOCK_ENV}=1 to run without the one-owner guard")
     for _ in range(100):
-        try:
-            fd, new = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
-        except FileExistsError:
-            try:
-                fd, new = os.open(path, os.O_RDWR), False
-            except FileNotFoundError:  # its owner removed it just now
-                continue
+        opened = _open_lock_file(path)
+        if opened is None:  # its owner removed it just now
+            continue
+        fd, new = opened
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -145,6 +144,19 @@ def _lock(folder: Path, what: str) -> int:
             return fd
         os.close(fd)  # the previous owner removed that file as we locked it: lock the one there now
     raise RuntimeError(f"{path}: the lock file keeps being replaced; is another program deleting it?")
+
+
+def _open_lock_file(path: Path) -> tuple[int, bool] | None:
+    """(descriptor, whether this call created the file), or None when the file vanished between two calls."""
+    try:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            return os.open(path, os.O_RDWR), False
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"{path}: cannot open the lock file for writing ({e.strerror})") from None
 
 
 def _write_owner(fd: int) -> None:
