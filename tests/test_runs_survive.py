@@ -37,7 +37,7 @@ from .test_pretrain import write_shapes_dataset
 ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
 HOLDER = ("import sys, time\nfrom bigtransfer.runfolder import own_folder\n"
           "with own_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n")
-FT_TINY = ["--model", "R14x0.5", "--batch", "4", "--resolution", "36", "32", "--quiet"]
+FT_TINY = ["--model", "R14x0.5", "--batch", "4", "--resolution", "36", "32", "--base-lr", "0.3", "--quiet"]
 PT_TINY = ["--model", "R14x0.5", "--steps", "12", "--batch", "8", "--resolution", "32", "--lr", "0.05",
            "--warmup-steps", "2", "--log-every", "3", "--eval-every", "4", "--save-every", "1", "--holdout", "0.25",
            "--workers", "0", "--quiet"]
