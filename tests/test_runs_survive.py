@@ -128,6 +128,9 @@ def test_a_killed_owner_leaves_no_lock(tmp_path):
 
 def test_one_owner_within_a_process_and_nothing_left_by_a_refused_run(tmp_path):
     run = tmp_path / "new"
+    with pytest.raises(KeyError), own_folder(tmp_path / "deep" / "er" / "run"):
+        raise KeyError("a run that fails before writing anything")
+    assert list(tmp_path.iterdir()) == []
     with own_folder(run):
         with pytest.raises(FolderBusy, match="this process already uses"):
             with own_folder(tmp_path / "x" / ".." / "new"):

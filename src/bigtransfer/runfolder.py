@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import os
 import signal
@@ -64,8 +65,8 @@ class FolderBusy(UserError):
 def own_folder(folder: str | os.PathLike, what: str = "run folder") -> contextlib.AbstractContextManager[Path]:
     """Hold the exclusive lock on `folder` (created if missing) for the `with` block; raise FolderBusy if taken.
 
-    On leaving, the lock file is removed, and so is the folder when this call created it and left it empty (a run
-    refused for bad input leaves nothing behind).
+    On leaving, the lock file is removed, and so are the folders this call created if the run left them empty (a
+    run refused for bad input leaves nothing behind).
     """
     if os.environ.get(NO_LOCK_ENV, "") not in ("", "0"):
         warnings.warn(f"{NO_LOCK_ENV} is set: {folder} is not locked; make sure no other process writes into it",
@@ -88,13 +89,11 @@ def _locked(folder: Path, what: str) -> Iterator[Path]:
             raise FolderBusy(f"{folder}: this process already uses this {what}; choose another --out")
         _owned.add(key)
     fd = None
-    created = False
+    # The folders this call creates, innermost first: removed again if the run leaves them empty.
+    created = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
     try:
         try:
-            folder.mkdir(parents=True)
-            created = True
-        except FileExistsError:
-            pass
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # read-only, no permission: one clear line, on every rank of a distributed run
             raise UserError(f"{folder}: cannot create this {what} ({e.strerror})") from None
         fd = _lock(folder, what)
@@ -106,9 +105,11 @@ def _locked(folder: Path, what: str) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 os.unlink(folder / LOCK_FILE)
             os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only succeeds when nothing was written
+        for made in created:
+            try:
+                made.rmdir()  # only succeeds when nothing was written
+            except OSError:
+                break
         with _owned_guard:
             _owned.discard(key)
 
