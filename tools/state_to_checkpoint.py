@@ -1,7 +1,9 @@
 """Turn a pre-training run's resumable state (RUN/state.pt) into a shippable checkpoint.
 
-Used for BiT-Mini, whose shipped weights are a snapshot taken before its schedule ended:
-    python tools/state_to_checkpoint.py RUN/state.pt CORPUS/train OUT.safetensors --arch R26x0.5 --fp16
+Used for BiT-Mini, whose shipped weights are a snapshot of its upstream run:
+    python tools/state_to_checkpoint.py RUN/state.pt DATA OUT.safetensors --arch R26x0.5 --fp16 \
+        --finetune-defaults '{"base_lr": 0.1, "resolution": [48, 40]}'
+DATA is what the run trained on (a packed set, a shard set, or a corpus folder holding train/): it names the classes.
 """
 
 from __future__ import annotations
@@ -13,27 +15,30 @@ import torch
 
 from bigtransfer.checkpoints import load_state, save_checkpoint
 from bigtransfer.models import ResNetV2
+from bigtransfer.pretrain_data import load_pretrain_data
 from bigtransfer.runstate import read_run_state
-from bigtransfer.shards import read_index
 
 
 def main() -> None:
-    """Read the state, attach the corpus's class names, write safetensors with metadata."""
+    """Read the state, attach the training data's class names, write safetensors with metadata."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("state")
-    p.add_argument("shards", help="the shard folder the run trained on (its index.json names the classes)")
+    p.add_argument("data", help="the --data the run trained on (its class list becomes the labels)")
     p.add_argument("out")
     p.add_argument("--arch", required=True)
     p.add_argument("--fp16", action="store_true")
+    p.add_argument("--finetune-defaults", type=json.loads, default=None,
+                   help='JSON of recommended fine-tuning settings, e.g. \'{"base_lr": 0.1, "resolution": [48, 40]}\'')
     args = p.parse_args()
     payload = read_run_state(args.state)  # torch's restricted unpickler: the file runs no code
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
-    classes = read_index(args.shards).classes
+    classes = load_pretrain_data(args.data).classes
     model = ResNetV2(args.arch, len(classes))
     load_state(model, state, args.state)
     model.labels = list(classes)
+    extra = {"finetune_defaults": args.finetune_defaults} if args.finetune_defaults else {}
     save_checkpoint(model, args.out, dtype=torch.float16 if args.fp16 else None, source="bigtransfer pretrain",
-                    pretrain_step=str(payload["step"]))
+                    pretrain_step=str(payload["step"]), **extra)
     print(json.dumps({"out": args.out, "step": payload["step"], "classes": len(classes)}))
 
 
