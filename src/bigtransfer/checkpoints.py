@@ -14,10 +14,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_group, atomic_path
 from .checks import check_out_file
 from .errors import UserError
-from .models import DEPTHS, WS_EPS_PEERS, WS_EPS_RELEASE, Arch, ResNetV2, check_ws_eps
+from .models import DEPTHS, WS_EPS_PEERS, WS_EPS_RELEASE, Arch, ResNetV2, check_padding, check_ws_eps
+from .peers import CONFIG_FILE, PREPROCESSOR_FILE, hf_config, hf_preprocessor, sidecar_meta, weights_in
+from .preprocess import META_KEY
 
 FORMAT_TAG = "bigtransfer"
 State = dict[str, torch.Tensor]
@@ -160,6 +162,37 @@ def _remap(state: Mapping[str, torch.Tensor], patterns, source: str, flavour: st
     return out
 
 
+# Our keys back to theirs: (our pattern, their key); a Linear head for HF, timm's 1x1-conv head as ours.
+_HF_OUT = [
+    (re.compile(r"^root\.conv\.weight$"), "bit.embedder.convolution.weight"),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\.proj\.weight$"), r"bit.encoder.stages.\1.layers.\2.downsample.conv.weight"),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\.gn(\d)\.(weight|bias)$"), r"bit.encoder.stages.\1.layers.\2.norm\3.\4"),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\.conv(\d)\.weight$"), r"bit.encoder.stages.\1.layers.\2.conv\3.weight"),
+    (re.compile(r"^norm\.(weight|bias)$"), r"bit.norm.\1"),
+    (re.compile(r"^head\.(weight|bias)$"), r"classifier.1.\1"),
+]
+_TIMM_OUT = [
+    (re.compile(r"^root\.conv\.weight$"), "stem.conv.weight"),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\.proj\.weight$"), r"stages.\1.blocks.\2.downsample.conv.weight"),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\.gn(\d)\.(weight|bias)$"), r"stages.\1.blocks.\2.norm\3.\4"),
+    (re.compile(r"^stages\.(\d+)\.(\d+)\.conv(\d)\.weight$"), r"stages.\1.blocks.\2.conv\3.weight"),
+    (re.compile(r"^norm\.(weight|bias)$"), r"norm.\1"),
+    (re.compile(r"^head\.(weight|bias)$"), r"head.fc.\1"),
+]
+
+
+def state_to_peer(state: Mapping[str, torch.Tensor], flavour: str) -> State:
+    """Our state dict with 'hf' (BitForImageClassification) or 'timm' (resnetv2_*_bit) keys."""
+    patterns = {"hf": _HF_OUT, "timm": _TIMM_OUT}[flavour]
+    out: State = {}
+    for key, t in state.items():
+        pat, repl = next(((p, r) for p, r in patterns if p.match(key)), (None, None))
+        if pat is None:
+            raise CheckpointError(f"cannot export key {key!r} to the {flavour} layout")
+        out[pat.sub(repl, key)] = t[:, :, 0, 0] if flavour == "hf" and key == "head.weight" else t
+    return out
+
+
 def hf_to_state(state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> State:
     """Convert HF transformers' BitForImageClassification/BitModel keys to ours."""
     return _remap(state, _HF_PATTERNS, source, "HF transformers")
@@ -222,9 +255,23 @@ def meta_labels(meta: Mapping[str, str], source: str | os.PathLike, num_classes:
     return labels
 
 
+def meta_padding(meta: Mapping[str, str], source: str | os.PathLike) -> str:
+    """The padding mode a checkpoint's metadata records (the authors' fixed padding when it records none)."""
+    try:
+        return check_padding(meta.get("padding", "fixed"))
+    except UserError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[State, dict[str, str]]:
-    """Read weights from .npz, .safetensors, or a torch state dict, as our state dict plus metadata."""
+    """Read weights from .npz, .safetensors, or a torch state dict, as our state dict plus metadata.
+
+    An HF transformers or timm file brings the config.json (and preprocessor_config.json) beside it into the
+    metadata: padding, labels, data_config; a folder written by save_pretrained is read through its weights file.
+    """
     p = Path(path)
+    if p.is_dir():
+        p = weights_in(p)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file")
     if p.stat().st_size == 0:
@@ -259,6 +306,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[State, dict[str, str]]:
     else:
         raise CheckpointError(f"{p}: unknown checkpoint type {suffix!r}; use .npz, .safetensors, .pt, .pth or .bin")
     flavour = detect_flavour(list(raw))
+    meta.update(sidecar_meta(p, flavour))
     if flavour == "hf":
         state = hf_to_state(raw, str(p))
         meta.setdefault("ws_eps", repr(WS_EPS_PEERS))
@@ -337,6 +385,10 @@ def model_metadata(model: ResNetV2, **extra: object) -> dict[str, str]:
     }
     if model.labels is not None:
         meta["labels"] = json.dumps(list(model.labels))
+    if model.padding != "fixed":
+        meta["padding"] = model.padding
+    if model.data_config is not None:
+        meta[META_KEY] = json.dumps(model.data_config)
     for k, v in extra.items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     return meta
@@ -359,6 +411,32 @@ def write_npz(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Non
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+def write_peer(model: ResNetV2, path: str | os.PathLike, flavour: str) -> Path:
+    """Write `model` for a peer: 'hf' a save_pretrained folder (config.json, model.safetensors and, when the model
+    carries a data config, preprocessor_config.json); 'timm' one state-dict file (.safetensors, else torch.save)."""
+    p = Path(path)
+    state = state_to_peer(model.state_dict(), flavour)
+    if flavour == "timm":
+        check_out_file(p, "the checkpoint")
+        if p.suffix.lower() == ".safetensors":
+            write_safetensors(state, p, {"format": "pt"})
+        else:
+            with atomic_path(p) as tmp:
+                torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+        return p
+    if p.exists() and not p.is_dir():
+        raise CheckpointError(f"{p}: the HF transformers format is a folder, and this is a file")
+    texts = {CONFIG_FILE: hf_config(model)}
+    if model.data_config is not None:
+        texts[PREPROCESSOR_FILE] = hf_preprocessor(model.data_config)
+    # All files or none: weights beside an older config.json would load as another model.
+    with atomic_group(p / "model.safetensors", *(p / name for name in texts)) as (tmp_weights, *tmp_texts):
+        write_safetensors(state, tmp_weights, {"format": "pt"})
+        for tmp, doc in zip(tmp_texts, texts.values(), strict=True):
+            tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return p
 
 
 def save_checkpoint(model: ResNetV2, path: str | os.PathLike, dtype: torch.dtype | None = None,

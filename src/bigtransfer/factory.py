@@ -5,9 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoints import CheckpointError, infer_arch, load_state, meta_labels, meta_ws_eps, read_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    infer_arch,
+    load_state,
+    meta_labels,
+    meta_padding,
+    meta_ws_eps,
+    read_checkpoint,
+)
 from .models import WS_EPS_RELEASE, ResNetV2, check_num_classes, check_ws_eps
-from .registry import resolve
+from .preprocess import meta_data_config
+from .registry import ModelInfo, resolve
 from .zoo import cached_file_hint, weights_file
 
 Pretrained = bool | str | os.PathLike | None
@@ -43,31 +52,40 @@ def create_model(name: str, num_classes: int | None = None, pretrained: Pretrain
     elif pretrained is True or (pretrained is None and info.has_weights):
         if not info.has_weights:
             raise CheckpointError(f"{name} has no released weights; pass pretrained=<path> or pretrained=False")
-        path = weights_file(info, progress=progress)
-        downloaded = info.path is None
+        if info.hub is not None:
+            from .hub import fetch_weights
+
+            path = fetch_weights(info.hub)
+        else:
+            path = weights_file(info, progress=progress)
+            downloaded = info.path is None
 
     if path is None:
-        return ResNetV2(info.arch, info.num_classes if num_classes is None else num_classes,
-                        ws_eps=WS_EPS_RELEASE if ws_eps is None else ws_eps)
+        model = ResNetV2(info.arch, info.num_classes if num_classes is None else num_classes,
+                         ws_eps=WS_EPS_RELEASE if ws_eps is None else ws_eps)
+        model.data_config = info.data_config
+        return model
     try:
-        return _from_checkpoint(name, info.arch, path, num_classes, ws_eps)
+        return _from_checkpoint(info, path, num_classes, ws_eps)
     except CheckpointError as e:
         if downloaded:  # a damaged download must not fail the same way forever
             raise CheckpointError(f"{e}\n  {cached_file_hint(path)}") from None
         raise
 
 
-def _from_checkpoint(name: str, want, path: Path, num_classes: int | None, ws_eps: float | None) -> ResNetV2:
+def _from_checkpoint(info: ModelInfo, path: Path, num_classes: int | None, ws_eps: float | None) -> ResNetV2:
     state, meta = read_checkpoint(path)
     arch = infer_arch(state, str(path))
-    if arch != want:
-        raise CheckpointError(f"{path} holds an {arch.name}, but model {name!r} is an {want.name}")
+    if arch != info.arch:
+        raise CheckpointError(f"{path} holds an {arch.name}, but model {info.name!r} is an {info.arch.name}")
     # A checkpoint without a head holds features only (saved from a num_classes=0 model).
     ckpt_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else 0
     eps = ws_eps if ws_eps is not None else meta_ws_eps(meta, path)
-    model = ResNetV2(arch, ckpt_classes, ws_eps=eps)
+    model = ResNetV2(arch, ckpt_classes, ws_eps=eps, padding=meta_padding(meta, path))
     load_state(model, state, str(path))
     model.labels = meta_labels(meta, path, model.num_classes)
+    # What the file records wins; else what the name says (a released fine-tuned model's task resolution).
+    model.data_config = meta_data_config(meta, path) or info.data_config
     if num_classes is not None and num_classes != ckpt_classes:
         model.reset_head(num_classes, zero_init=True)
     return model

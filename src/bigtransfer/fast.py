@@ -36,8 +36,10 @@ def _standardized_state(model: ResNetV2) -> dict[str, torch.Tensor]:
 
 
 def _plain_conv(m: StdConv2d) -> PlainConv2d:
-    return PlainConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                     bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    plain = PlainConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                        bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    plain.dynamic_same = m.dynamic_same
+    return plain
 
 
 def frozen_copy(model: ResNetV2) -> ResNetV2:

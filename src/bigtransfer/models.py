@@ -30,6 +30,13 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
 }
 RELEASED_ARCHS = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
 
+# How convolutions and the root's max-pool pad their input. "fixed": the authors' symmetric zero padding (3 at the
+# root conv, 1 before the unpadded pool, 1 at each 3x3). "same": TensorFlow's dynamic 'SAME' padding in every conv
+# (strided convs pad total max((ceil(n/s) - 1) * s + k - n, 0), the extra pixel at the bottom/right) and an unpadded
+# root pool, as HF transformers builds BiT with global_padding="SAME". "same_pool": "same" plus 'SAME' zero padding
+# before the root pool (HF's embedding_dynamic_padding=True, the ViT-hybrid backbones).
+PADDINGS = ("fixed", "same", "same_pool")
+
 _ARCH_RE = re.compile(r"^R(\d+)x(\d+(?:\.\d+)?)$")
 
 
@@ -88,12 +95,43 @@ def check_num_classes(num_classes: object) -> int:
     return num_classes
 
 
-class StdConv2d(nn.Conv2d):
-    """Conv2d whose kernel is standardized per output channel before every use."""
+def check_padding(padding: object) -> str:
+    """The padding mode, refused clearly when it is not one of PADDINGS."""
+    if padding not in PADDINGS:
+        raise UserError(f"unknown padding mode {padding!r}; choose one of {', '.join(PADDINGS)}")
+    return str(padding)
 
-    def __init__(self, *args, eps: float = WS_EPS_RELEASE, **kwargs) -> None:
+
+def same_pad(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """`x` padded as TensorFlow's 'SAME' does for a `kernel` x `kernel` window at `stride` (extra at bottom/right)."""
+    h, w = x.shape[-2:]
+    ph = max((-(-h // stride) - 1) * stride + kernel - h, 0)
+    pw = max((-(-w // stride) - 1) * stride + kernel - w, 0)
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+
+
+def _conv_padding(kernel: int, stride: int, same: bool, fixed: int) -> tuple[int, bool]:
+    """(static padding, pad dynamically in forward): 'SAME' is static only for stride 1 with an odd kernel."""
+    if not same:
+        return fixed, False
+    if stride == 1 and kernel % 2 == 1:
+        return (kernel - 1) // 2, False
+    return 0, True
+
+
+class StdConv2d(nn.Conv2d):
+    """Conv2d whose kernel is standardized per output channel before every use.
+
+    `same=True` pads as TensorFlow's 'SAME' (dynamically for strided convs) instead of the fixed `padding`.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0, *,
+                 eps: float = WS_EPS_RELEASE, same: bool = False, **kwargs) -> None:
         kwargs.setdefault("bias", False)
-        super().__init__(*args, **kwargs)
+        static, self.dynamic_same = _conv_padding(kernel, stride, same, padding)
+        super().__init__(cin, cout, kernel, stride=stride, padding=static, **kwargs)
         self.eps = eps
 
     def standardized_weight(self) -> torch.Tensor:
@@ -117,6 +155,8 @@ class StdConv2d(nn.Conv2d):
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`conv`'s convolution of `x` with `weight`, through the GEMM/oneDNN dispatch where its geometry allows."""
+    if getattr(conv, "dynamic_same", False):
+        x = same_pad(x, conv.kernel_size[0], conv.stride[0])
     square = conv.stride[0] == conv.stride[1] and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1]
     if conv.bias is None and conv.groups == 1 and conv.dilation == (1, 1) and square:
         return conv2d(x, weight, conv.stride[0], conv.padding[0])
@@ -125,6 +165,8 @@ def _conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
 
 class PlainConv2d(nn.Conv2d):
     """Conv2d holding an already standardized kernel (the inference fast path), with the same dispatch."""
+
+    dynamic_same = False  # set from the StdConv2d it replaces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _conv(self, x, self.weight)
@@ -137,15 +179,16 @@ def _gn(channels: int) -> nn.GroupNorm:
 class PreActBottleneck(nn.Module):
     """Pre-activation bottleneck unit; stride on the 3x3, projection from the activated input."""
 
-    def __init__(self, cin: int, cout: int, cmid: int, stride: int, ws_eps: float) -> None:
+    def __init__(self, cin: int, cout: int, cmid: int, stride: int, ws_eps: float, same: bool = False) -> None:
         super().__init__()
         self.gn1 = _gn(cin)
-        self.conv1 = StdConv2d(cin, cmid, 1, eps=ws_eps)
+        self.conv1 = StdConv2d(cin, cmid, 1, eps=ws_eps, same=same)
         self.gn2 = _gn(cmid)
-        self.conv2 = StdConv2d(cmid, cmid, 3, stride=stride, padding=1, eps=ws_eps)
+        self.conv2 = StdConv2d(cmid, cmid, 3, stride=stride, padding=1, eps=ws_eps, same=same)
         self.gn3 = _gn(cmid)
-        self.conv3 = StdConv2d(cmid, cout, 1, eps=ws_eps)
-        self.proj = StdConv2d(cin, cout, 1, stride=stride, eps=ws_eps) if (stride != 1 or cin != cout) else None
+        self.conv3 = StdConv2d(cmid, cout, 1, eps=ws_eps, same=same)
+        self.proj = StdConv2d(cin, cout, 1, stride=stride, eps=ws_eps, same=same) \
+            if (stride != 1 or cin != cout) else None
         # Set on the network's first unit, whose gn1 sees the root's max-pool output (all maxima: group mean/std
         # about 2.6, against < 0.3 at every other GroupNorm of random and trained models). PyTorch's
         # channels-last CPU GroupNorm computes the variance as E[x^2] - E[x]^2, whose error grows with
@@ -170,16 +213,22 @@ class PreActBottleneck(nn.Module):
 
 
 class Root(nn.Module):
-    """7x7/2 standardized conv, zero pad 1, 3x3/2 max-pool without padding (no norm, no ReLU)."""
+    """7x7/2 standardized conv, zero pad 1, 3x3/2 max-pool without padding (no norm, no ReLU); see PADDINGS."""
 
-    def __init__(self, channels: int, ws_eps: float) -> None:
+    def __init__(self, channels: int, ws_eps: float, padding: str = "fixed") -> None:
         super().__init__()
-        self.conv = StdConv2d(3, channels, 7, stride=2, padding=3, eps=ws_eps)
+        self.padding = padding
+        self.conv = StdConv2d(3, channels, 7, stride=2, padding=3, eps=ws_eps, same=padding != "fixed")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Zero padding then an unpadded pool: not the same as the pool's own -inf padding,
-        # because the conv output can be negative.
-        return F.max_pool2d(F.pad(self.conv(x), (1, 1, 1, 1)), kernel_size=3, stride=2)
+        y = self.conv(x)
+        if self.padding == "fixed":
+            # Zero padding then an unpadded pool: not the same as the pool's own -inf padding,
+            # because the conv output can be negative.
+            y = F.pad(y, (1, 1, 1, 1))
+        elif self.padding == "same_pool":
+            y = same_pad(y, 3, 2)
+        return F.max_pool2d(y, kernel_size=3, stride=2)
 
 
 class ResNetV2(nn.Module):
@@ -191,18 +240,21 @@ class ResNetV2(nn.Module):
     """
 
     def __init__(self, arch: Arch | str, num_classes: int = 1000, ws_eps: float = WS_EPS_RELEASE,
-                 zero_head: bool = True) -> None:
+                 zero_head: bool = True, padding: str = "fixed") -> None:
         super().__init__()
         self.arch = parse_arch(arch) if isinstance(arch, str) else arch
         check_num_classes(num_classes)
         ws_eps = check_ws_eps(ws_eps)
+        self.padding = check_padding(padding)
         params = parameter_count(self.arch, num_classes)  # before allocating: R14x1000 would not fit anywhere
         check_fits(4 * params, f"{self.arch.name} with {num_classes} classes ({params:,} parameters)",
                    "choose a smaller width or depth")
         self.ws_eps = ws_eps
         self.labels: list[str] | None = None
+        # How inputs should be prepared (see bigtransfer.preprocess.resolve_data_config); None: not recorded.
+        self.data_config: dict | None = None
         w = self.arch.width
-        self.root = Root(self.arch.root_channels, ws_eps)
+        self.root = Root(self.arch.root_channels, ws_eps, padding)
         cin = self.arch.root_channels
         stages = []
         for i, n_units in enumerate(self.arch.units):
@@ -211,7 +263,7 @@ class ResNetV2(nn.Module):
             units = []
             for j in range(n_units):
                 stride = 1 if (i == 0 or j > 0) else 2
-                units.append(PreActBottleneck(cin, cout, cmid, stride, ws_eps))
+                units.append(PreActBottleneck(cin, cout, cmid, stride, ws_eps, same=padding != "fixed"))
                 cin = cout
             stages.append(nn.Sequential(*units))
         self.stages = nn.Sequential(*stages)

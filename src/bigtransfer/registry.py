@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .models import RELEASED_ARCHS, Arch, parse_arch
+from .preprocess import data_config
 
 BASE_URL = "https://storage.googleapis.com/bit_models/"
 UPSTREAM_CLASSES = {"BiT-S": 1000, "BiT-M": 21843}
@@ -35,10 +36,13 @@ class ModelInfo:
     # Fine-tuning settings the model's authors recommend (bundled models: "finetune_defaults" in the file's
     # metadata, e.g. {"base_lr": 0.1, "resolution": [48, 40]}); a run uses them unless told otherwise.
     finetune_defaults: dict = field(default_factory=dict, compare=False)
+    hub: str | None = None  # a Hugging Face hub repository holding the weights (timm or HF transformers files)
+    # How its inputs are prepared (bigtransfer.preprocess), where the name says; None: the weights' file decides.
+    data_config: dict | None = field(default=None, compare=False)
 
     @property
     def has_weights(self) -> bool:
-        return self.url is not None or self.path is not None
+        return self.url is not None or self.path is not None or self.hub is not None
 
 
 def _released() -> dict[str, ModelInfo]:
@@ -48,10 +52,13 @@ def _released() -> dict[str, ModelInfo]:
             name = f"{kind}-{arch}"
             labels = "ilsvrc2012" if kind == "BiT-S" else "imagenet21k"
             out[name] = ModelInfo(name, parse_arch(arch), classes, url=f"{BASE_URL}{name}.npz", labels=labels)
+        # Fine-tuned models evaluate at the HyperRule's crop of their task (spec section 3): ImageNet's images are
+        # large (480 px), CIFAR-10's small (128 px). Upstream models record none: their task is not known yet.
         name = f"BiT-M-{arch}-ILSVRC2012"
-        out[name] = ModelInfo(name, parse_arch(arch), 1000, url=f"{BASE_URL}{name}.npz", labels="ilsvrc2012")
+        out[name] = ModelInfo(name, parse_arch(arch), 1000, url=f"{BASE_URL}{name}.npz", labels="ilsvrc2012",
+                              data_config=data_config(480))
     out["BiT-M-R50x1-CIFAR10"] = ModelInfo("BiT-M-R50x1-CIFAR10", parse_arch("R50x1"), 10,
-                                           url=f"{BASE_URL}BiT-M-R50x1-CIFAR10.npz")
+                                           url=f"{BASE_URL}BiT-M-R50x1-CIFAR10.npz", data_config=data_config(128))
     return out
 
 
@@ -73,22 +80,33 @@ def _bundled() -> dict[str, ModelInfo]:
 
 
 def list_models() -> list[str]:
-    """Every name create_model accepts, besides any R<depth>x<width> architecture."""
+    """Every name create_model accepts, besides any R<depth>x<width> architecture and hub repository 'org/name'."""
+    from .hub import HF_KNOWN, timm_models
+
     archs = list(RELEASED_ARCHS) + [a for a in SMALL_ARCHS if a not in RELEASED_ARCHS]
-    return list(RELEASED) + list(_bundled()) + archs
+    return list(RELEASED) + list(_bundled()) + archs + list(timm_models()) + list(HF_KNOWN)
 
 
 def resolve(name: str) -> ModelInfo:
-    """Look up a model name: released, bundled, or a bare architecture (1000-class head)."""
+    """Look up a model name: released, bundled, a bare architecture (1000-class head), or a hub name."""
     if name in RELEASED:
         return RELEASED[name]
     bundled = _bundled()
     if name in bundled:
         return bundled[name]
+    from . import hub  # local import: hub fetches through zoo, which imports this module
+
+    if hub.is_hub_name(name):
+        if Path(name).exists():
+            raise UserError(f"{name!r} is a local file or folder, not a model name; pass it as --weights PATH "
+                            "(pretrained=PATH in Python)")
+        arch, classes, config = hub.describe(name)
+        return ModelInfo(name, parse_arch(arch), classes, hub=hub.hub_repo(name), data_config=config)
     try:
         arch = parse_arch(name)
     except ValueError:
         raise UserError(
-            f"unknown model {name!r}; choose one of {', '.join(list_models())} or any R<depth>x<width>"
+            f"unknown model {name!r}; choose one of {', '.join(list_models())}, any R<depth>x<width> or a hub "
+            "repository 'org/name'"
         ) from None
     return ModelInfo(name, arch, 1000)
