@@ -62,7 +62,7 @@ def test_onnx_matches_eager_at_two_sizes(model, onnx_export):
         with torch.no_grad():
             ref = model(x).numpy()
         assert np.abs(ref).max() > 0.1  # logits are not trivially zero
-        got = session.run(None, {"image": x.numpy()})[0]
+        got = session.run(None, {"pixels": x.numpy()})[0]
         assert got.shape == ref.shape
         assert _rel(got, ref) < 1e-4
     assert [p.name for p in out.parent.iterdir()] == ["m.onnx"]  # no temporary file left behind
@@ -128,7 +128,7 @@ def test_cli_export_checks_and_reports(model, tmp_path, capsys):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = torch.rand(2, 3, 40, 56) * 2 - 1
     with torch.no_grad():
-        assert _rel(session.run(None, {"image": x.numpy()})[0], model(x).numpy()) < 1e-4
+        assert _rel(session.run(None, {"pixels": x.numpy()})[0], model(x).numpy()) < 1e-4
 
 
 def test_cli_export_fails_and_writes_nothing_when_the_check_fails(model, tmp_path, capsys):

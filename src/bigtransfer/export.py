@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import os
 import warnings
@@ -33,6 +34,44 @@ CHECK_SIZES = ((224, 224), (160, 96))
 NORMALIZING_OPS = frozenset({"ReduceMean", "Sqrt", "Reciprocal", "Pow", "Div", "Sub", "BatchNormalization",
                              "LayerNormalization", "ReduceSumSquare", "ReduceSum"})
 _PROTOBUF_LIMIT = 2 * 1024**3
+INPUT_NAME = "pixels"  # (N, 3, H, W) float32, scaled as the file's metadata says
+# Batches the exported graph is checked at when its batch is dynamic: 1 and a batch no example used.
+CHECK_BATCHES = (1, 3)
+
+
+def output_name(model: nn.Module) -> str:
+    """'logits', or 'features' for a model without a head (its output is the pooled pre-logits)."""
+    return "logits" if model.num_classes else "features"
+
+
+def onnx_metadata(model: ResNetV2) -> dict[str, str]:
+    """What a deployer needs besides the graph: class names, input size and scaling (ONNX metadata_props)."""
+    from .preprocess import resolve_data_config
+
+    config = resolve_data_config(model)
+    mean, std = config["mean"], config["std"]
+    scaling = "pixels / 127.5 - 1 (RGB in [-1, 1])" if mean == [0.5] * 3 and std == [0.5] * 3 else \
+        f"(pixels / 255 - mean) / std per RGB channel, mean {mean}, std {std}"
+    meta = {"arch": model.arch.name, "num_classes": str(model.num_classes),
+            "resolution": str(config["input_size"][1]), "input_scaling": scaling, "mean": json.dumps(mean),
+            "std": json.dumps(std), "interpolation": config["interpolation"], "crop": config["crop"],
+            "data_config": json.dumps(config), "recorded": "yes" if model.data_config is not None else "no (default)"}
+    if model.labels is not None:
+        meta["labels"] = json.dumps(list(model.labels))
+    return meta
+
+
+def _add_metadata(path: str | os.PathLike, metadata: dict[str, str], name: str | os.PathLike) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError(f"{name}: writing the ONNX metadata (labels, resolution, scaling) needs the onnx package: "
+                          "pip install onnx (or 'bigtransfer[export]')") from None
+    proto = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
 
 
 class ExportError(UserError, RuntimeError):
@@ -80,11 +119,13 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def write_onnx(module: nn.Module, path: str | os.PathLike, dynamic_batch: bool = False,
-               opset: int = DEFAULT_OPSET, name: str | os.PathLike | None = None) -> None:
-    """Write `module` as an ONNX graph with dynamic height and width (and batch, if asked) to `path`.
+def write_onnx(module: nn.Module, path: str | os.PathLike, dynamic_batch: bool = True,
+               opset: int = DEFAULT_OPSET, name: str | os.PathLike | None = None,
+               metadata: dict[str, str] | None = None) -> None:
+    """Write `module` as an ONNX graph 'pixels' -> 'logits' with dynamic height, width and (unless told) batch.
 
-    `name`: the file to name in error messages (the final path when `path` is a temporary one).
+    `name`: the file to name in error messages (the final path when `path` is a temporary one). `metadata`: stored
+    as the file's metadata_props.
     """
     name = name or path
     if opset not in OPSETS:
@@ -92,18 +133,21 @@ def write_onnx(module: nn.Module, path: str | os.PathLike, dynamic_batch: bool =
     if _param_bytes(module) >= _PROTOBUF_LIMIT:
         raise ExportError(f"{name}: the weights ({_param_bytes(module) / 1024**3:.1f} GiB) exceed ONNX's 2 GiB "
                           "single-file limit; export --format torchscript instead")
-    axes = {"image": {2: "height", 3: "width"}, "logits": {}}
+    out = output_name(module)
+    axes = {INPUT_NAME: {2: "height", 3: "width"}, out: {}}
     if dynamic_batch:
-        axes["image"][0] = "batch"
-        axes["logits"][0] = "batch"
+        axes[INPUT_NAME][0] = "batch"
+        axes[out][0] = "batch"
     example = torch.zeros(1, 3, 64, 64)
     try:
         with _quiet():
             # The TorchScript-based exporter: the torch.export-based one needs onnxscript, not a dependency here.
-            torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=["image"],
-                              output_names=["logits"], dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
+            torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                              output_names=[out], dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
     except Exception as e:  # the exporter raises many types (RuntimeError, SymbolicValueError, ...)
         raise ExportError(f"{name}: ONNX export failed at opset {opset} ({type(e).__name__}: {e})") from None
+    if metadata:
+        _add_metadata(path, metadata, name)
 
 
 def write_torchscript(module: nn.Module, path: str | os.PathLike, name: str | os.PathLike | None = None) -> None:
@@ -115,6 +159,14 @@ def write_torchscript(module: nn.Module, path: str | os.PathLike, name: str | os
             traced.save(str(path))
     except Exception as e:  # tracing failures come as RuntimeError or TracingCheckError
         raise ExportError(f"{name}: TorchScript export failed ({type(e).__name__}: {e})") from None
+
+
+def default_check_sizes(model: ResNetV2) -> Sizes:
+    """The model's own resolution and a non-square size, so fixed H/W in the graph would be caught."""
+    from .preprocess import resolution_of, resolve_data_config
+
+    r = resolution_of(resolve_data_config(model))
+    return ((r, r), CHECK_SIZES[1]) if (r, r) != CHECK_SIZES[1] else CHECK_SIZES
 
 
 def _rel_error(got: np.ndarray, ref: np.ndarray) -> float:
@@ -134,9 +186,9 @@ def _eager(model: ResNetV2, x: torch.Tensor) -> np.ndarray:
         return model(x).float().numpy()
 
 
-def check_onnx(model: ResNetV2, path: str | os.PathLike, batch: int = 1, seed: int = 0,
+def check_onnx(model: ResNetV2, path: str | os.PathLike, batches: tuple[int, ...] = (1,), seed: int = 0,
                sizes: Sizes = CHECK_SIZES, name: str | os.PathLike | None = None) -> ExportCheck:
-    """Run the ONNX file in onnxruntime on random inputs of two sizes and compare with the eager model."""
+    """Run the ONNX file in onnxruntime on random inputs of two sizes per batch and compare with the eager model."""
     name = name or path
     try:
         import onnxruntime as ort
@@ -149,9 +201,10 @@ def check_onnx(model: ResNetV2, path: str | os.PathLike, batch: int = 1, seed: i
         raise ExportError(f"{name}: onnxruntime cannot load the exported graph ({type(e).__name__}: {e})") from None
     result = ExportCheck(True)
     model = _reference(model)
-    for x in _check_inputs(batch, seed, sizes):
-        got = session.run(["logits"], {"image": x.numpy()})[0]
-        result.rel_errors["x".join(map(str, x.shape))] = _rel_error(got, _eager(model, x))
+    for batch in batches:
+        for x in _check_inputs(batch, seed, sizes):
+            got = session.run([output_name(model)], {INPUT_NAME: x.numpy()})[0]
+            result.rel_errors["x".join(map(str, x.shape))] = _rel_error(got, _eager(model, x))
     return result
 
 
@@ -189,23 +242,33 @@ def onnx_weight_ops(path: str | os.PathLike) -> list[str]:
     return found
 
 
-def export(model: ResNetV2, path: str | os.PathLike, fmt: str, dynamic_batch: bool = False,
-           opset: int = DEFAULT_OPSET, rtol: float = DEFAULT_RTOL, sizes: Sizes = CHECK_SIZES) -> ExportCheck:
-    """Export `model` to `path` as 'onnx' or 'torchscript', verify it, and only then move it into place."""
+def export(model: ResNetV2, path: str | os.PathLike, fmt: str, dynamic_batch: bool = True,
+           opset: int = DEFAULT_OPSET, rtol: float = DEFAULT_RTOL, sizes: Sizes | None = None) -> ExportCheck:
+    """Export `model` to `path` as 'onnx' or 'torchscript', verify it, and only then move it into place.
+
+    ONNX: input 'pixels', output 'logits' ('features' without a head), any batch unless `dynamic_batch=False`,
+    metadata_props with the class names and the data config (resolution, scaling). `sizes`: the input sizes
+    checked against the eager model (default: the model's resolution and a smaller non-square size).
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not (math.isfinite(rtol) and rtol >= 0):
         raise UserError(f"rtol must be a finite number >= 0, got {rtol!r}")
     if fmt == "onnx" and opset not in OPSETS:
         raise ExportError(f"{path}: opset {opset} is not supported; choose {OPSETS.start} to {OPSETS.stop - 1}")
+    if model.padding != "fixed":
+        raise ExportError(f"{path}: {model.padding!r} padding is computed from each input's size, which a traced "
+                          "graph would freeze at the example's size; export supports the authors' fixed padding only")
     check_out_file(path)  # before the work: a directory or unwritable folder is refused by its name
+    sizes = sizes or default_check_sizes(model)
     model = _reference(model)
     module = folded_module(model)
     target = Path(path)
     with atomic_path(target) as tmp:
         if fmt == "onnx":
-            write_onnx(module, tmp, dynamic_batch=dynamic_batch, opset=opset, name=target)
-            check = check_onnx(model, tmp, batch=2 if dynamic_batch else 1, sizes=sizes, name=target)
+            write_onnx(module, tmp, dynamic_batch=dynamic_batch, opset=opset, name=target,
+                       metadata=onnx_metadata(model))
+            check = check_onnx(model, tmp, batches=CHECK_BATCHES if dynamic_batch else (1,), sizes=sizes, name=target)
             try:
                 leftovers = onnx_weight_ops(tmp)
             except ImportError:

@@ -125,6 +125,10 @@ class InferenceModel(nn.Module):
         return self.source.labels
 
     @property
+    def data_config(self) -> dict | None:
+        return self.source.data_config
+
+    @property
     def num_classes(self) -> int:
         return self.source.num_classes
 

@@ -570,8 +570,10 @@ def _run(c: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         logger.close()
 
     from .checkpoints import save_checkpoint
+    from .preprocess import data_config
 
     model.cpu()
+    model.data_config = data_config(plan.crop)  # evaluation squashes to the crop (HyperRule or --resolution)
     save_checkpoint(model, out / "checkpoint.safetensors", source="finetune", finetuned_from=c.model,
                     steps=plan.end, top1=last_eval["top1"])
     counters["wall_time_s"] = wall_before + time.perf_counter() - t_start

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -18,16 +20,18 @@ from .device import pick_device
 from .errors import UserError
 from .factory import create_model
 from .fast import prepare_for_inference
-from .images import ImageError, is_image_path, open_rgb
+from .images import ImageError, is_image_path, open_rgb, to_rgb
 from .memory import check_fits, inference_bytes
 from .models import ResNetV2
+from .preprocess import create_transform, resolution_of, resolve_data_config
 from .registry import resolve
 from .sources import is_npz_row, npz_row
 from .transforms import eval_transform
 from .zoo import DownloadError, read_labels
 
 DEFAULT_BATCH = 32
-DEFAULT_RESOLUTION = 224  # the upstream models' training resolution
+# An input size: a square resolution in px (BiT's squash-resize and scaling) or a data config (bigtransfer.preprocess).
+Size = int | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,16 @@ class Prediction:
 
     path: str
     top: list[tuple[int, str | None, float]]
+
+    @property
+    def labels(self) -> list[str | None]:
+        """The label names of the top classes, best first (None where the model names no classes)."""
+        return [name for _, name, _ in self.top]
+
+    @property
+    def probs(self) -> list[float]:
+        """The softmax probabilities of the top classes, best first."""
+        return [p for _, _, p in self.top]
 
 
 @dataclass
@@ -66,13 +80,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
     return files, problems
 
 
-def default_resolution(name: str | None) -> int:
-    """Evaluation resolution for a released model name (HyperRule crop of its fine-tuning data), else 224."""
-    if name and name.endswith("-ILSVRC2012"):
-        return 480
-    if name and name.endswith("-CIFAR10"):
-        return 128
-    return DEFAULT_RESOLUTION
+def _transform(size: Size) -> tuple[Callable, int]:
+    """(transform, square resolution) for a resolution or a data config."""
+    if isinstance(size, Mapping):
+        return create_transform(size), resolution_of(size)
+    return eval_transform(size), size
 
 
 def load_model(name: str | None, weights: str | os.PathLike | None) -> ResNetV2:
@@ -119,9 +131,9 @@ def label_names(model: ResNetV2, name: str | None = None) -> tuple[list[str] | N
 class _ImageFiles(Dataset):
     """Decodes one file (or .npz row) per item; a failure comes back as its reason instead of a tensor."""
 
-    def __init__(self, files: Sequence[str | os.PathLike], size: int) -> None:
+    def __init__(self, files: Sequence[str | os.PathLike], size: Size) -> None:
         self.files = [str(f) for f in files]
-        self.transform = eval_transform(size)
+        self.transform = _transform(size)[0]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -143,7 +155,7 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str | None]]):
     return [i for i, _ in good], images, bad
 
 
-def iter_image_batches(files: Sequence[str | os.PathLike], size: int, batch_size: int = DEFAULT_BATCH,
+def iter_image_batches(files: Sequence[str | os.PathLike], size: Size, batch_size: int = DEFAULT_BATCH,
                        workers: int | None = None, on_skip: Callable[[Skipped], None] | None = None,
                        progress: bool = False, desc: str = "images", pin_memory: bool = False,
                        ) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -166,10 +178,11 @@ def iter_image_batches(files: Sequence[str | os.PathLike], size: int, batch_size
                 yield indices, images
 
 
-def _run(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, features: bool, batch_size: int,
+def _run(model: ResNetV2, files: Sequence[str | os.PathLike], config: Size, features: bool, batch_size: int,
          workers: int | None, precision: str, device: str, progress: bool,
          on_skip: Callable[[Skipped], None] | None) -> tuple[list[int], torch.Tensor | None, list[Skipped]]:
     dev = pick_device(device)
+    size = _transform(config)[1]
     batch = min(batch_size, max(1, len(files)))
     check_fits(inference_bytes(model.arch, model.num_classes, size, batch),
                f"{model.arch.name} on {size}x{size} px in batches of {batch}", "lower --resolution or --batch", dev)
@@ -183,7 +196,7 @@ def _run(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, feature
 
     kept: list[int] = []
     outputs: list[torch.Tensor] = []
-    for indices, images in iter_image_batches(files, size, batch_size, workers, note, progress,
+    for indices, images in iter_image_batches(files, config, batch_size, workers, note, progress,
                                               desc="embedding" if features else "predicting",
                                               pin_memory=dev.type == "cuda"):
         x = images.to(dev, non_blocking=True)
@@ -193,7 +206,7 @@ def _run(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, feature
     return kept, (torch.cat(outputs) if outputs else None), skipped
 
 
-def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, top_k: int = 5,
+def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: Size, top_k: int = 5,
                   labels: Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH, workers: int | None = None,
                   precision: str = "fp32", device: str = "auto", progress: bool = False,
                   on_skip: Callable[[Skipped], None] | None = None) -> tuple[list[Prediction], list[Skipped]]:
@@ -213,7 +226,7 @@ def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: int
     return preds, skipped
 
 
-def embed_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, batch_size: int = DEFAULT_BATCH,
+def embed_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: Size, batch_size: int = DEFAULT_BATCH,
                 workers: int | None = None, precision: str = "fp32", device: str = "auto", progress: bool = False,
                 on_skip: Callable[[Skipped], None] | None = None) -> Embeddings:
     """Pooled pre-logits (N, feature_dim) of every decodable file, in input order."""
@@ -221,3 +234,38 @@ def embed_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: int, 
     if feats is None:
         return Embeddings(np.zeros((0, model.feature_dim), np.float32), [], [], skipped)
     return Embeddings(feats.numpy().astype(np.float32, copy=False), [str(files[i]) for i in kept], kept, skipped)
+
+
+ImageInput = str | os.PathLike | PILImage.Image
+
+
+def predict(model: ResNetV2 | str | os.PathLike, images: ImageInput | Sequence[ImageInput], top_k: int = 5, resolution: int | None = None,
+            batch_size: int = DEFAULT_BATCH, precision: str = "fp32", device: str = "auto") -> list[Prediction]:
+    """Top-k (class index, label name, probability) of each image, best first, prepared as the model records.
+
+    `model`: a model, or a name/checkpoint that `create_model` loads. `images`: file paths or PIL images (one or a
+    list); a file that cannot be decoded raises ImageError naming it. Label names come from the checkpoint (or
+    the released label file); they are None where neither names the classes. `resolution` overrides the size of
+    the model's data config (see resolve_data_config).
+    """
+    if isinstance(model, str | os.PathLike):
+        model = create_model(str(model)) if not Path(model).exists() else load_model(None, model)
+    if top_k < 1:
+        raise UserError(f"top_k must be at least 1, got {top_k}")
+    items = [images] if isinstance(images, str | os.PathLike | PILImage.Image) else list(images)
+    transform = create_transform(resolve_data_config(model, resolution=resolution))
+    labels, _ = label_names(model)
+    dev = pick_device(device)
+    fast = prepare_for_inference(model.to(dev), precision=precision)
+    preds: list[Prediction] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        x = torch.stack([transform(to_rgb(i) if isinstance(i, PILImage.Image) else open_rgb(i)) for i in chunk])
+        with torch.no_grad():
+            probs = torch.softmax(fast(x.to(dev)).double().cpu(), dim=1)
+        scores, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        for item, cs, ss in zip(chunk, classes, scores, strict=True):
+            name = str(item) if not isinstance(item, PILImage.Image) else "<image>"
+            preds.append(Prediction(name, [(int(c), labels[int(c)] if labels else None, float(s))
+                                           for c, s in zip(cs, ss, strict=True)]))
+    return preds

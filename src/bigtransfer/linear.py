@@ -207,7 +207,7 @@ class FrozenEvalConfig:
     weights: str | None = None
     examples_per_class: int | None = None  # K-shot: a balanced training subset chosen by seed; None: all
     seed: int = 0
-    resolution: int | None = None  # None: the HyperRule's evaluation crop for the data's image size
+    resolution: int | None = None  # None: the checkpoint's recorded one, else the HyperRule's crop for the data
     k: int = DEFAULT_K  # neighbours (knn)
     precision: str = "fp32"
     batch: int = 64
@@ -258,6 +258,7 @@ def _frozen_eval(c: FrozenEvalConfig, say: Callable[[str], None]) -> dict:
     from .hyperrule import resolution as hyperrule_resolution
     from .inference import load_model
     from .metrics import confusion_report, to_json
+    from .preprocess import resolution_of
 
     out = Path(c.out)
     t0 = time.perf_counter()
@@ -267,8 +268,10 @@ def _frozen_eval(c: FrozenEvalConfig, say: Callable[[str], None]) -> dict:
     if not splits.eval:
         raise DataSourceError(f"{c.data}: no evaluation examples")
     say(splits.summary())
-    size = c.resolution or hyperrule_resolution(image_size_of(splits))[1]
     model = load_model(c.model, c.weights)
+    # The resolution the checkpoint records (its fine-tuning's evaluation crop), else the HyperRule's for this data.
+    size = c.resolution or (resolution_of(model.data_config) if model.data_config else
+                            hyperrule_resolution(image_size_of(splits))[1])
     # Written once the data and the model are known to load, so a mistyped command leaves no folder behind.
     write_text(out / "config.json", to_json(dataclasses.asdict(c), indent=2) + "\n")
     cache = (c.cache or True) if c.use_cache else False

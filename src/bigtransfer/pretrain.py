@@ -397,6 +397,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: 
     from tqdm import tqdm
 
     from .checkpoints import load_state, save_checkpoint
+    from .preprocess import data_config
     from .factory import create_model
     from .memory import check_training
     from .pretrain_data import eval_batches, load_pretrain_data, train_batches
@@ -565,6 +566,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: 
         final = ResNetV2(arch, len(data.classes), ws_eps=ws_eps)
         load_state(final, model_state, "the trained model")
         final.labels = list(data.classes)
+        final.data_config = data_config(plan.resolution)  # the held-out evaluation squashes to the run's resolution
         save_checkpoint(final, out / FINAL_FILE, pretrain=config.preset, steps=plan.steps, data=str(config.data))
         ips = timed_steps * plan.batch / train_time if train_time else None
         summary = {"steps": plan.steps, "resumed_from": start, "world_size": env.world_size, "backend": env.backend,

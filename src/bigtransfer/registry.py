@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .models import RELEASED_ARCHS, Arch, parse_arch
-from .preprocess import data_config
+from .preprocess import data_config, meta_data_config
 
 BASE_URL = "https://storage.googleapis.com/bit_models/"
 UPSTREAM_CLASSES = {"BiT-S": 1000, "BiT-M": 21843}
@@ -75,7 +75,7 @@ def _bundled() -> dict[str, ModelInfo]:
             meta = read_metadata(path)
             defaults = json.loads(meta.get("finetune_defaults", "{}"))
             out[path.stem] = ModelInfo(path.stem, parse_arch(meta["arch"]), int(meta["num_classes"]), path=path,
-                                       finetune_defaults=defaults)
+                                       finetune_defaults=defaults, data_config=meta_data_config(meta, path))
     return out
 
 

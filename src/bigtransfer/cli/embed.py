@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .predict import add_model_options, input_files, report_skip, resolution_of
+from .predict import add_model_options, check_resolution, input_config, input_files, report_skip
 
 HELP = "Compute pre-logit features (N x 2048*width) for every image under a folder; writes .npy + file list."
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.out}: --out must end in .npy")
     check_out_file(args.out)
     check_out_file(files_list_path(args.out), "the file list beside --out")
-    size = resolution_of(args)
+    check_resolution(args)
     files, problems = input_files(args.inputs, "embed")
     # The row list has one name per line: a name holding a newline could not be told from two.
     newline = [f for f in files if "\n" in str(f)]
@@ -50,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         return 1
     model = load_model(args.model, args.weights)
+    config = input_config(args, model)
+    size = config["input_size"][1]
 
-    emb = embed_files(model, files, size, batch_size=args.batch, workers=args.workers, precision=args.precision,
+    emb = embed_files(model, files, config, batch_size=args.batch, workers=args.workers, precision=args.precision,
                       device=args.device, progress=not args.no_progress, on_skip=report_skip)
     if not emb.files:
         print(f"none of the {len(files)} files could be decoded; nothing written", file=sys.stderr)

@@ -21,7 +21,8 @@ HELP = "Evaluate a checkpoint: linear probe or k-NN on frozen pre-logits (cached
 def _register_frozen(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="image folder, train/ + val/ (or test/) folder, CSV/JSONL manifest "
                                                  "or .npz; without an evaluation split 20%% per class is held out")
-    add_model_options(p, resolution_default="the HyperRule's evaluation crop: 128 for images under 96x96 px, else 480")
+    add_model_options(p, resolution_default="what the checkpoint records, else the HyperRule's evaluation crop: 128 "
+                                             "for images under 96x96 px, else 480")
     p.add_argument("--examples-per-class", type=int, metavar="K", help="few-shot: K training images per class, "
                                                                          "chosen by --seed (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K-shot subset and the validation split")

@@ -17,7 +17,10 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name, when the checkpoint does not say its architecture")
     p.add_argument("--format", choices=("onnx", "torchscript"), required=True, help="what to write")
     p.add_argument("--out", type=Path, required=True, help="file to write (e.g. model.onnx, model.pt)")
-    p.add_argument("--dynamic-batch", action="store_true", help="ONNX: any batch size (default: batch 1)")
+    p.add_argument("--dynamic-batch", action="store_true", default=True,
+                   help="ONNX: any batch size (the default; kept for old scripts)")
+    p.add_argument("--static-batch", dest="dynamic_batch", action="store_false",
+                   help="ONNX: batch size fixed at 1")
     p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     p.add_argument("--rtol", type=float, default=1e-4,
                    help="largest accepted max|exported - eager| / max|eager| on the check inputs (default 1e-4)")
@@ -38,7 +41,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"bigtransfer export: failed: {e}", file=sys.stderr)
         return 1
     what = f"{model.arch.name}, {model.num_classes} classes, weight standardization folded into the conv kernels"
-    print(f"wrote {args.out} ({args.format}; {what}; input N x 3 x H x W, any H and W)")
+    batch = "N" if args.dynamic_batch or args.format != "onnx" else "1"
+    print(f"wrote {args.out} ({args.format}; {what}; input {batch} x 3 x H x W, any H and W)")
+    if args.format == "onnx":
+        from ..export import INPUT_NAME, onnx_metadata, output_name
+
+        meta = onnx_metadata(model)
+        print(f"input '{INPUT_NAME}' -> output '{output_name(model)}'; metadata: resolution {meta['resolution']}, "
+              f"scaling {meta['input_scaling']}, {'class names' if 'labels' in meta else 'no class names'}")
     if check.checked:
         sizes = ", ".join(f"{k}: {v:.1e}" for k, v in check.rel_errors.items())
         print(f"checked against the eager model on random inputs: max relative error {sizes} (allowed {args.rtol:g})")

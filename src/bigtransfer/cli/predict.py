@@ -12,7 +12,9 @@ HELP = "Classify images (files or folders) with a model: top-k labels with softm
 
 
 def add_model_options(p: argparse.ArgumentParser,
-                      resolution_default: str = "480 for *-ILSVRC2012, 128 for *-CIFAR10, else 224") -> None:
+                      resolution_default: str = "what the checkpoint records (fine-tuning: its evaluation crop); "
+                                                "480 for *-ILSVRC2012, 128 for *-CIFAR10, timm's for timm names, "
+                                                "else 224") -> None:
     """--model/--weights/--resolution/--precision/--batch/--workers/--device, shared by the inference verbs."""
     p.add_argument("--model", help="model name (see 'bigtransfer models'); optional when --weights is given")
     p.add_argument("--weights", help="checkpoint file (.safetensors, .npz, .pt/.pth/.bin)")
@@ -24,14 +26,18 @@ def add_model_options(p: argparse.ArgumentParser,
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
 
 
-def resolution_of(args: argparse.Namespace) -> int:
-    """The --resolution, or the default for the --model name; checked to be positive."""
-    from ..inference import default_resolution
+def check_resolution(args: argparse.Namespace) -> None:
+    """Refuse a --resolution below 1 before anything is loaded."""
+    if args.resolution is not None and args.resolution < 1:
+        raise UserError(f"--resolution must be positive, got {args.resolution}")
 
-    size = args.resolution if args.resolution is not None else default_resolution(args.model)
-    if size < 1:
-        raise UserError(f"--resolution must be positive, got {size}")
-    return size
+
+def input_config(args: argparse.Namespace, model) -> dict:
+    """The data config the model carries (see bigtransfer.preprocess), its size replaced by --resolution if given."""
+    from ..preprocess import resolve_data_config
+
+    check_resolution(args)
+    return resolve_data_config(model, resolution=args.resolution)
 
 
 def input_files(inputs: list[str], what: str) -> tuple[list, list]:
@@ -66,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import label_names, load_model, predict_files
     from ..metrics import to_json
 
-    size = resolution_of(args)
+    check_resolution(args)
     files, problems = input_files(args.images, "classify")
     if not files:
         return 1
     model = load_model(args.model, args.weights)
+    size = input_config(args, model)
     labels, why = label_names(model, args.model)
     if why:
         print(f"note: {why}", file=sys.stderr)
