@@ -1,5 +1,6 @@
 """ONNX and TorchScript export: WS folded into constant conv kernels, any input size, eager logits reproduced."""
 
+import json
 import sys
 import warnings
 
@@ -129,6 +130,36 @@ def test_cli_export_checks_and_reports(model, tmp_path, capsys):
     x = torch.rand(2, 3, 40, 56) * 2 - 1
     with torch.no_grad():
         assert _rel(session.run(None, {"pixels": x.numpy()})[0], model(x).numpy()) < 1e-4
+
+
+def test_onnx_is_dynamic_by_default_with_named_io_and_deployment_metadata(model, tmp_path):
+    from bigtransfer.preprocess import data_config
+
+    named = ResNetV2("R14x0.5", 7)
+    named.load_state_dict(model.state_dict())
+    named.eval().labels = [f"class {i}" for i in range(7)]
+    named.data_config = data_config(40)
+    out = tmp_path / "m.onnx"
+    check = export(named, out, "onnx")  # no dynamic_batch argument: any batch is the default
+    assert set(check.rel_errors) == {"1x3x40x40", "1x3x160x96", "3x3x40x40", "3x3x160x96"}  # own size, batch 1 and 3
+    proto = onnx.load(str(out))
+    assert [i.name for i in proto.graph.input] == ["pixels"] and [o.name for o in proto.graph.output] == ["logits"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["labels"]) == named.labels and meta["resolution"] == "40"
+    assert meta["input_scaling"].startswith("pixels / 127.5 - 1") and json.loads(meta["mean"]) == [0.5] * 3
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.rand(batch, 3, 40, 40) * 2 - 1
+        with torch.no_grad():
+            assert _rel(session.run(["logits"], {"pixels": x.numpy()})[0], named(x).numpy()) < 1e-4
+
+
+def test_same_padded_models_are_refused_by_export(tmp_path):
+    from bigtransfer.export import ExportError
+
+    with pytest.raises(ExportError, match="'same' padding"):
+        export(ResNetV2("R14x0.5", 3, padding="same"), tmp_path / "m.onnx", "onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_export_fails_and_writes_nothing_when_the_check_fails(model, tmp_path, capsys):

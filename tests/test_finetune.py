@@ -104,6 +104,7 @@ def test_end_to_end_writes_every_output_and_the_checkpoint_loads_back(folder, fi
     # through an independent evaluation path (images.load_for_eval, one image at a time).
     model = create_model("R14x0.5", pretrained=out / "checkpoint.safetensors").eval()
     assert model.labels == list(CLASSES) and model.num_classes == 3
+    assert model.data_config["input_size"] == [3, 32, 32]  # evaluation's crop, carried for predict/embed/export
     state = torch.load(out / "state.pt", weights_only=True)["model"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k

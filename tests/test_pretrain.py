@@ -282,6 +282,7 @@ def test_checkpoint_loads_scores_and_exports(pretrained_run, tmp_path, one_threa
     config, summary = pretrained_run
     model = create_model("R14x0.5", pretrained=Path(config.out) / "checkpoint.safetensors").eval()
     assert model.labels == ["blue", "circle", "green", "red", "square", "striped"] and model.num_classes == 6
+    assert model.data_config["input_size"] == [3, 32, 32]  # the run's resolution, recorded in the file
     # Re-score the held-out images through the saved file: the same precision@1 and loss the run reported.
     data = load_pretrain_data(config.data, config.holdout, config.seed)
     hits, losses = [], []

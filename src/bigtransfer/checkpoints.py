@@ -16,17 +16,13 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_group, atomic_path
 from .checks import check_out_file
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .models import DEPTHS, WS_EPS_PEERS, WS_EPS_RELEASE, Arch, ResNetV2, check_padding, check_ws_eps
 from .peers import CONFIG_FILE, PREPROCESSOR_FILE, hf_config, hf_preprocessor, sidecar_meta, weights_in
 from .preprocess import META_KEY
 
 FORMAT_TAG = "bigtransfer"
 State = dict[str, torch.Tensor]
-
-
-class CheckpointError(UserError):
-    """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
 
 
 # ---------------------------------------------------------------- authors' .npz layout

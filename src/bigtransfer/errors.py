@@ -16,6 +16,10 @@ class UserError(ValueError):
     """Bad input from the user: the message names the file or setting and what is wrong with it."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be read or does not fit the model; the message names the file."""
+
+
 class SetupError(UserError, RuntimeError):
     """This machine cannot do what the settings ask (no GPU, launcher variables missing, an optional package)."""
 

@@ -89,9 +89,7 @@ def fetch(repo: str, filename: str, required: bool = True) -> Path | None:
         return None
     except errors.LocalEntryNotFoundError:
         if required:
-            raise DownloadError(f"{repo}/{filename} is not in the hub cache ({hub.constants.HF_HUB_CACHE}) and "
-                                "downloads are off (HF_HUB_OFFLINE) or the hub cannot be reached; fetch it on a "
-                                f"connected machine with: hf download {repo}") from None
+            raise DownloadError(f"{repo}/{filename}: {_not_cached(hub, repo)}") from None
         return None
     except errors.RepositoryNotFoundError:
         raise DownloadError(f"no hub repository {repo!r} (or it is private: log in with 'hf auth login')") from None
@@ -107,8 +105,13 @@ def fetch_weights(repo: str) -> Path:
         path = fetch(repo, name, required=False)
         if path is not None:
             return path
-    raise DownloadError(f"{repo}: none of {', '.join(HF_WEIGHT_FILES)} could be found on the hub or in its cache "
-                        "(HF_HUB_OFFLINE and an empty cache give this too)")
+    raise DownloadError(f"{repo}: no {' or '.join(HF_WEIGHT_FILES)}; {_not_cached(_client(), repo)}")
+
+
+def _not_cached(hub, repo: str) -> str:
+    why = "downloads are off (HF_HUB_OFFLINE)" if hub.constants.HF_HUB_OFFLINE else "the hub could not be reached"
+    return (f"not in the hub cache ({hub.constants.HF_HUB_CACHE}) and {why}; on a connected machine run "
+            f"'hf download {repo}' and copy the cache, or set HF_HUB_CACHE")
 
 
 def describe(name: str) -> tuple[str, int, dict[str, Any] | None]:

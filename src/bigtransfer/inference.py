@@ -239,8 +239,9 @@ def embed_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: Size,
 ImageInput = str | os.PathLike | PILImage.Image
 
 
-def predict(model: ResNetV2 | str | os.PathLike, images: ImageInput | Sequence[ImageInput], top_k: int = 5, resolution: int | None = None,
-            batch_size: int = DEFAULT_BATCH, precision: str = "fp32", device: str = "auto") -> list[Prediction]:
+def predict(model: ResNetV2 | str | os.PathLike, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
+            resolution: int | None = None, batch_size: int = DEFAULT_BATCH, precision: str = "fp32",
+            device: str = "auto") -> list[Prediction]:
     """Top-k (class index, label name, probability) of each image, best first, prepared as the model records.
 
     `model`: a model, or a name/checkpoint that `create_model` loads. `images`: file paths or PIL images (one or a

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import CheckpointError
 from .models import DEPTHS, GN_GROUPS, Arch, ResNetV2
 from .preprocess import META_KEY, check_data_config
 
@@ -28,7 +28,7 @@ _PLACEHOLDER = re.compile(r"^LABEL_(\d+)$")
 _TIMM_ARCH = re.compile(r"^resnetv2_(\d+)x(\d+)_bit")
 
 
-class PeerConfigError(UserError):
+class PeerConfigError(CheckpointError):
     """A peer's config.json that this package cannot honour; the message names the file and the setting."""
 
 

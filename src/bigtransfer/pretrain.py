@@ -397,9 +397,9 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: 
     from tqdm import tqdm
 
     from .checkpoints import load_state, save_checkpoint
-    from .preprocess import data_config
     from .factory import create_model
     from .memory import check_training
+    from .preprocess import data_config
     from .pretrain_data import eval_batches, load_pretrain_data, train_batches
     from .registry import resolve
     from .runstate import load_run_state, save_run_state

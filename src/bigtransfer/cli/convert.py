@@ -63,17 +63,17 @@ def run(args: argparse.Namespace) -> int:
         infer_arch,
         load_state,
         meta_labels,
+        meta_padding,
         meta_ws_eps,
         model_metadata,
-        meta_padding,
         read_checkpoint,
         write_npz,
         write_peer,
         write_safetensors,
     )
-    from ..preprocess import meta_data_config
     from ..checks import check_out_file
     from ..models import ResNetV2
+    from ..preprocess import meta_data_config
 
     fmt = output_format(args.output, args.to)
     if fmt != "hf":
