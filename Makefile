@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m bigtransfer demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks tools
+	$(PY) -m ruff check src tests benchmarks tools hubconf.py
 
 test: lint
 	$(PY) -m pytest -q

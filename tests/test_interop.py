@@ -306,3 +306,21 @@ def test_top_level_api_predict_returns_label_names_and_probabilities(tmp_path):
         assert p.labels == [model.labels[int(i)] for i in order]
         assert p.probs == pytest.approx([float(probs[i]) for i in order], rel=1e-5)
     assert preds[1].path == str(path)
+
+
+def test_evaluate_knn_uses_the_recorded_resolution(tmp_path):
+    rng = np.random.default_rng(3)
+    for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+        for split, n in (("train", 3), ("test", 2)):
+            d = tmp_path / "data" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = np.clip(np.array(colour) + rng.normal(0, 20, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(a).save(d / f"{i}.png")
+    model = _ours()
+    model.data_config = data_config(40)
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
+    # Without the record the HyperRule would pick 128 px for these 24 px images.
+    assert main(["evaluate", "knn", "--data", str(tmp_path / "data"), "--weights", str(ckpt), "--no-cache",
+                 "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["resolution"] == 40
