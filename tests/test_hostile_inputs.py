@@ -167,8 +167,10 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch)
         ([*export, str(tmp_path / "afile" / "m.pt")], f"{tmp_path / 'afile' / 'm.pt'}: cannot be created, "
                                                        f"{tmp_path / 'afile'} is not a directory"),
         ([*export, "/proc/foo.pt"], "/proc/foo.pt: cannot write into /proc"),
-        (["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "adir")], "must end in .safetensors or .npz"),
+        (["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "full")], "full: a folder holding other files"),
     ]
+    (tmp_path / "full").mkdir()  # an HF transformers folder is written only into a new, empty or model folder
+    (tmp_path / "full" / "notes.txt").write_text("mine")
     (tmp_path / "d.npz").mkdir()
     cases.append((["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "d.npz")], "d.npz: is a directory"))
     for argv, expected in cases:
@@ -177,8 +179,9 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch)
     with pytest.raises(UserError, match=r"ckpt\.safetensors: is a directory"):
         (tmp_path / "ckpt.safetensors").mkdir()
         save_checkpoint(_model(), tmp_path / "ckpt.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "ckpt.safetensors", "d.npz",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile", "ckpt.safetensors", "d.npz", "full",
                                                           "m.safetensors"]
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
 
 
 def test_a_failed_rename_names_the_destination_not_the_temporary(tmp_path):

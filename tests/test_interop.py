@@ -1,9 +1,14 @@
 """Interop with timm and HF transformers: their files in and out, hub names, preprocessing carried, hubconf, API."""
 
+import hashlib
+import http.server
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +142,7 @@ def test_convert_refuses_formats_it_cannot_tell_or_write(tmp_path, capsys):
     ckpt = save_checkpoint(_ours(), tmp_path / "m.safetensors")
     assert main(["convert", str(ckpt), str(tmp_path / "m.txt")]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
-    assert main(["convert", str(ckpt), str(tmp_path / "m.npz"), "--to", "hf"]) == 2
+    assert main(["convert", str(ckpt), str(ckpt), "--to", "hf"]) == 2
     assert "writes a folder" in capsys.readouterr().err
     same = save_checkpoint(_ours(padding="same"), tmp_path / "same.safetensors")
     assert main(["convert", str(same), str(tmp_path / "same.npz")]) == 2
@@ -209,25 +214,64 @@ def test_embed_and_predict_use_the_recorded_resolution_unless_told(tmp_path, cap
 
 # ---------------------------------------------------------------- hub names
 
-def _fill_hub_cache(cache: Path, repo: str, files: dict[str, Path]) -> None:
-    """The layout huggingface_hub keeps: models--ORG--NAME/{refs/main, snapshots/COMMIT/FILE}."""
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """The two requests huggingface_hub makes per file: HEAD (commit, etag, size), then GET the bytes."""
+
+    root: Path
     commit = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(commit)
-    snapshot = root / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name, src in files.items():
-        (snapshot / name).write_bytes(src.read_bytes())
+
+    def _send(self, body: bool) -> None:
+        m = re.match(r"^/([^/]+/[^/]+)/resolve/[^/]+/(.+)$", self.path)
+        path = self.root / m[1] / m[2] if m else None
+        if path is None or not path.is_file():
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", self.commit)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_HEAD(self):  # noqa: N802 (http.server's naming)
+        self._send(body=False)
+
+    def do_GET(self):  # noqa: N802
+        self._send(body=True)
+
+    def log_message(self, *args):
+        pass
 
 
-def test_hub_names_resolve_through_huggingface_hub_cache_offline(tmp_path):
-    pytest.importorskip("huggingface_hub")
+@pytest.fixture
+def hub_server(tmp_path):
+    """A local stand-in for the hub at http://127.0.0.1:PORT serving tmp_path/served/ORG/NAME/FILE."""
+    handler = type("Hub", (_Hub,), {"root": tmp_path / "served"})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "served"
+    server.shutdown()
+    server.server_close()
+
+
+def test_hub_names_download_through_huggingface_hub_then_work_offline(tmp_path, hub_server, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    endpoint, served = hub_server
     folder, hf = _hf_dir(tmp_path, global_padding="SAME")
-    cache = tmp_path / "hub"
-    _fill_hub_cache(cache, "someone/tiny-bit", {n: folder / n for n in ("config.json", "model.safetensors")})
+    (served / "someone" / "tiny-bit").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (served / "someone" / "tiny-bit" / name).write_bytes((folder / name).read_bytes())
     images = _images(tmp_path / "img", n=1)
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    cache = tmp_path / "hub-cache"
+    # The CLI in a fresh process, pointed at the local hub by huggingface_hub's own environment variables.
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
     run = subprocess.run([sys.executable, "-m", "bigtransfer", "predict", str(images), "--model", "someone/tiny-bit",
                           "--resolution", "37", "--json", "--workers", "0"], env=env, capture_output=True, text=True,
                          timeout=120)
@@ -238,11 +282,17 @@ def test_hub_names_resolve_through_huggingface_hub_cache_offline(tmp_path):
         probs = torch.softmax(hf(x).logits.double(), 1)[0]
     assert top[0]["label"] == LABELS[int(probs.argmax())]
     assert top[0]["score"] == pytest.approx(float(probs.max()), rel=1e-4)
-    # A repository that is not in the cache, offline: one line naming it and how to fetch it.
-    run = subprocess.run([sys.executable, "-m", "bigtransfer", "predict", str(images), "--model",
-                          "resnetv2_50x1_bit.goog_in21k"], env=env, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "timm/resnetv2_50x1_bit.goog_in21k" in run.stderr and "hf download" in run.stderr
+    assert list(cache.glob("models--someone--tiny-bit/snapshots/*/model.safetensors"))  # in huggingface_hub's cache
+    # Offline, from that cache (the hub gone): the same model; a repository not in the cache is one clear error.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    shutil.rmtree(served)
+    model = bigtransfer.create_model("someone/tiny-bit").eval()
+    assert model.padding == "same" and model.labels == list(LABELS.values())
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf(x).logits, atol=1e-4)
+    with pytest.raises(UserError, match=r"timm/resnetv2_50x1_bit.goog_in21k: .*HF_HUB_OFFLINE.*hf download"):
+        bigtransfer.create_model("resnetv2_50x1_bit.goog_in21k")
 
 
 def test_hub_names_map_to_repositories_and_architectures():

@@ -424,6 +424,9 @@ def write_peer(model: ResNetV2, path: str | os.PathLike, flavour: str) -> Path:
         return p
     if p.exists() and not p.is_dir():
         raise CheckpointError(f"{p}: the HF transformers format is a folder, and this is a file")
+    if p.is_dir() and any(p.iterdir()) and not (p / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{p}: a folder holding other files (no {CONFIG_FILE} of a model); write the HF "
+                              "transformers files into a new or empty folder")
     texts = {CONFIG_FILE: hf_config(model)}
     if model.data_config is not None:
         texts[PREPROCESSOR_FILE] = hf_preprocessor(model.data_config)

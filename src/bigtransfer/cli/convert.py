@@ -1,7 +1,7 @@
 """`bigtransfer convert IN OUT`: between the authors' .npz, our .safetensors and timm/HF transformers files.
 
 The output format is --to, else chosen by OUT: `.npz` the authors' layout, `.safetensors` ours (weights plus
-metadata), `.pth`/`.pt`/`.bin` a timm state dict, a path without a suffix (or an existing folder) an HF
+metadata), `.pth`/`.pt`/`.bin` a timm state dict, a path without a suffix an HF
 transformers folder (config.json + model.safetensors, what `BitForImageClassification.from_pretrained` reads).
 """
 
@@ -41,7 +41,7 @@ def output_format(output: Path, to: str | None) -> str:
     """The format to write: --to, else the one OUTPUT's suffix (or folder) names; the error lists the choices."""
     suffix = output.suffix.lower()
     by_suffix = {".npz": "npz", ".safetensors": "bigtransfer", ".pth": "timm", ".pt": "timm", ".bin": "timm"}
-    guess = "hf" if output.is_dir() or not suffix else by_suffix.get(suffix)
+    guess = by_suffix.get(suffix) if suffix else "hf"
     fmt = to or guess
     if fmt is None:
         raise UserError(f"{output}: cannot tell the format from {suffix!r}; end it in .safetensors, .npz, .pth or "
@@ -50,8 +50,8 @@ def output_format(output: Path, to: str | None) -> str:
         raise UserError(f"{output}: --to {fmt} writes a {'.npz' if fmt == 'npz' else '.safetensors'} file")
     if fmt == "timm" and suffix not in (".pth", ".pt", ".bin", ".safetensors"):
         raise UserError(f"{output}: --to timm writes a .pth, .pt, .bin or .safetensors file")
-    if fmt == "hf" and suffix and not output.is_dir():
-        raise UserError(f"{output}: --to hf writes a folder (config.json + model.safetensors); name one without a suffix")
+    if fmt == "hf" and output.is_file():
+        raise UserError(f"{output}: --to hf writes a folder (config.json + model.safetensors), and this is a file")
     return fmt
 
 

@@ -17,13 +17,17 @@ def run(args: argparse.Namespace) -> int:
     from ..models import ResNetV2, count_parameters
     from ..registry import list_models, resolve
 
-    print(f"{'name':28s} {'arch':8s} {'classes':>7s}  weights" + ("       params" if args.params else ""))
-    for name in list_models():
+    names = list_models()
+    width = max(28, *(len(n) for n in names))
+    print(f"{'name':{width}s} {'arch':8s} {'classes':>7s}  weights" + ("       params" if args.params else ""))
+    for name in names:
         info = resolve(name)
-        where = "bundled" if info.path else ("download" if info.url else "-")
-        line = f"{name:28s} {info.arch.name:8s} {info.num_classes:7d}  {where:8s}"
+        where = "bundled" if info.path else ("download" if info.url else ("hub" if info.hub else "-"))
+        line = f"{name:{width}s} {info.arch.name:8s} {info.num_classes:7d}  {where:8s}"
         if args.params:
             line += f" {count_parameters(ResNetV2(info.arch, info.num_classes)) / 1e6:10.2f}M"
         print(line)
     print("Any R<depth>x<width> is accepted too: depth 14, 26, 50, 101 or 152; width a multiple of 0.5.")
+    print("'hub' weights come through huggingface_hub (pip install 'bigtransfer[hub]'); so does any BiT repository "
+          "'org/name' on the Hugging Face hub.")
     return 0
