@@ -122,81 +122,68 @@ def state_to_npz(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------- timm and HF transformers
 
-_HF_PATTERNS = [
-    (re.compile(r"^bit\.embedder\.convolution\.weight$"), "root.conv.weight"),
-    (re.compile(r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.downsample\.conv\.weight$"), r"stages.\1.\2.proj.weight"),
-    (re.compile(r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.norm(\d)\.(weight|bias)$"), r"stages.\1.\2.gn\3.\4"),
-    (re.compile(r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.conv(\d)\.weight$"), r"stages.\1.\2.conv\3.weight"),
-    (re.compile(r"^bit\.norm\.(weight|bias)$"), r"norm.\1"),
-    (re.compile(r"^classifier\.1\.(weight|bias)$"), r"head.\1"),
-]
-_TIMM_PATTERNS = [
-    (re.compile(r"^stem\.conv\.weight$"), "root.conv.weight"),
-    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.downsample\.conv\.weight$"), r"stages.\1.\2.proj.weight"),
-    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.norm(\d)\.(weight|bias)$"), r"stages.\1.\2.gn\3.\4"),
-    (re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.conv(\d)\.weight$"), r"stages.\1.\2.conv\3.weight"),
-    (re.compile(r"^norm\.(weight|bias)$"), r"norm.\1"),
-    (re.compile(r"^head\.fc\.(weight|bias)$"), r"head.\1"),
-]
+# One table per peer, read both ways: (our key, their key), with {s} stage, {u} unit, {n} layer number and {p}
+# weight/bias. HF's head is a Linear (2-D weight); timm's, like ours, a 1x1 conv.
+_KEYS = {
+    "hf": [("root.conv.weight", "bit.embedder.convolution.weight"),
+           ("stages.{s}.{u}.proj.weight", "bit.encoder.stages.{s}.layers.{u}.downsample.conv.weight"),
+           ("stages.{s}.{u}.gn{n}.{p}", "bit.encoder.stages.{s}.layers.{u}.norm{n}.{p}"),
+           ("stages.{s}.{u}.conv{n}.weight", "bit.encoder.stages.{s}.layers.{u}.conv{n}.weight"),
+           ("norm.{p}", "bit.norm.{p}"), ("head.{p}", "classifier.1.{p}")],
+    "timm": [("root.conv.weight", "stem.conv.weight"),
+             ("stages.{s}.{u}.proj.weight", "stages.{s}.blocks.{u}.downsample.conv.weight"),
+             ("stages.{s}.{u}.gn{n}.{p}", "stages.{s}.blocks.{u}.norm{n}.{p}"),
+             ("stages.{s}.{u}.conv{n}.weight", "stages.{s}.blocks.{u}.conv{n}.weight"),
+             ("norm.{p}", "norm.{p}"), ("head.{p}", "head.fc.{p}")],
+}
+_FIELDS = {"s": r"\d+", "u": r"\d+", "n": r"\d", "p": "weight|bias"}
+_FLAVOUR_NAMES = {"hf": "HF transformers", "timm": "timm"}
 
 
-def _remap(state: Mapping[str, torch.Tensor], patterns, source: str, flavour: str) -> State:
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", template)  # literal, field, literal, field, ...
+    return re.compile("^" + "".join(re.escape(t) if i % 2 == 0 else f"(?P<{t}>{_FIELDS[t]})"
+                                     for i, t in enumerate(parts)) + "$")
+
+
+def _rename(state: Mapping[str, torch.Tensor], flavour: str, to_ours: bool, source: str) -> State:
+    """`state` with every key mapped through _KEYS[flavour], towards ours or towards theirs; unknown keys refused."""
+    rules = [(_pattern(theirs if to_ours else ours), ours if to_ours else theirs) for ours, theirs in _KEYS[flavour]]
     out: State = {}
     unknown = []
     for key, t in state.items():
-        for pat, repl in patterns:
-            if pat.match(key):
-                out[pat.sub(repl, key)] = t
+        for pat, target in rules:
+            m = pat.match(key)
+            if m:
+                out[target.format(**m.groupdict())] = t
                 break
         else:
-            if not key.endswith("num_batches_tracked"):
+            if not (to_ours and key.endswith("num_batches_tracked")):
                 unknown.append(key)
     if unknown:
-        raise CheckpointError(f"{source}: {flavour} keys that are not part of a BiT ResNet-v2: {_short(unknown)}")
-    if "head.weight" in out and out["head.weight"].ndim == 2:  # HF's head is a Linear
+        what = f"{_FLAVOUR_NAMES[flavour]} keys that are not part of a BiT ResNet-v2" if to_ours else \
+            f"keys that have no {_FLAVOUR_NAMES[flavour]} name"
+        raise CheckpointError(f"{source}: {what}: {_short(unknown)}")
+    if to_ours and "head.weight" in out and out["head.weight"].ndim == 2:  # HF's Linear head
         out["head.weight"] = out["head.weight"][:, :, None, None]
+    if not to_ours and flavour == "hf" and "classifier.1.weight" in out:
+        out["classifier.1.weight"] = out["classifier.1.weight"][:, :, 0, 0]
     return out
-
-
-# Our keys back to theirs: (our pattern, their key); a Linear head for HF, timm's 1x1-conv head as ours.
-_HF_OUT = [
-    (re.compile(r"^root\.conv\.weight$"), "bit.embedder.convolution.weight"),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\.proj\.weight$"), r"bit.encoder.stages.\1.layers.\2.downsample.conv.weight"),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\.gn(\d)\.(weight|bias)$"), r"bit.encoder.stages.\1.layers.\2.norm\3.\4"),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\.conv(\d)\.weight$"), r"bit.encoder.stages.\1.layers.\2.conv\3.weight"),
-    (re.compile(r"^norm\.(weight|bias)$"), r"bit.norm.\1"),
-    (re.compile(r"^head\.(weight|bias)$"), r"classifier.1.\1"),
-]
-_TIMM_OUT = [
-    (re.compile(r"^root\.conv\.weight$"), "stem.conv.weight"),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\.proj\.weight$"), r"stages.\1.blocks.\2.downsample.conv.weight"),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\.gn(\d)\.(weight|bias)$"), r"stages.\1.blocks.\2.norm\3.\4"),
-    (re.compile(r"^stages\.(\d+)\.(\d+)\.conv(\d)\.weight$"), r"stages.\1.blocks.\2.conv\3.weight"),
-    (re.compile(r"^norm\.(weight|bias)$"), r"norm.\1"),
-    (re.compile(r"^head\.(weight|bias)$"), r"head.fc.\1"),
-]
 
 
 def state_to_peer(state: Mapping[str, torch.Tensor], flavour: str) -> State:
     """Our state dict with 'hf' (BitForImageClassification) or 'timm' (resnetv2_*_bit) keys."""
-    patterns = {"hf": _HF_OUT, "timm": _TIMM_OUT}[flavour]
-    out: State = {}
-    for key, t in state.items():
-        pat, repl = next(((p, r) for p, r in patterns if p.match(key)), (None, None))
-        if pat is None:
-            raise CheckpointError(f"cannot export key {key!r} to the {flavour} layout")
-        out[pat.sub(repl, key)] = t[:, :, 0, 0] if flavour == "hf" and key == "head.weight" else t
-    return out
+    return _rename(state, flavour, to_ours=False, source="the model")
 
 
 def hf_to_state(state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> State:
     """Convert HF transformers' BitForImageClassification/BitModel keys to ours."""
-    return _remap(state, _HF_PATTERNS, source, "HF transformers")
+    return _rename(state, "hf", to_ours=True, source=source)
 
 
 def timm_to_state(state: Mapping[str, torch.Tensor], source: str = "<state dict>") -> State:
     """Convert timm's resnetv2_*_bit keys to ours."""
-    return _remap(state, _TIMM_PATTERNS, source, "timm")
+    return _rename(state, "timm", to_ours=True, source=source)
 
 
 def detect_flavour(keys: list[str]) -> str:
