@@ -171,6 +171,14 @@ def test_data_config_is_recorded_and_resolved_from_models_files_and_names(tmp_pa
     assert resolve_data_config("resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k_384")["input_size"] == [3, 384, 384]
 
 
+def test_feature_cache_tells_paddings_apart():
+    from bigtransfer.features import weights_digest
+
+    fixed, same = _ours(), ResNetV2("R14x0.5", 3, padding="same")
+    same.load_state_dict(fixed.state_dict())
+    assert weights_digest(fixed) != weights_digest(same)
+
+
 def test_create_transform_defaults_are_bits_and_center_crop_is_timms():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 100, 3), dtype=np.uint8))  # 100 wide
     assert torch.equal(create_transform(data_config(40))(img), eval_transform(40)(img))  # bit for bit

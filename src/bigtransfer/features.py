@@ -43,8 +43,10 @@ def default_cache_dir() -> Path:
 
 
 def weights_digest(model: ResNetV2) -> str:
-    """SHA-256 of the model's weights (names, dtypes, shapes and bytes) plus its architecture and WS eps."""
-    h = hashlib.sha256(f"{model.arch.name}|{model.ws_eps!r}".encode())
+    """SHA-256 of the model's weights (names, dtypes, shapes and bytes) plus its architecture, WS eps and padding."""
+    # The same weights with SAME padding give other features; the authors' padding keeps the keys it always had.
+    padding = "" if model.padding == "fixed" else f"|{model.padding}"
+    h = hashlib.sha256(f"{model.arch.name}|{model.ws_eps!r}{padding}".encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
