@@ -2,7 +2,7 @@
 
 Used for BiT-Mini, whose shipped weights are a snapshot of its upstream run:
     python tools/state_to_checkpoint.py RUN/state.pt DATA OUT.safetensors --arch R26x0.5 --fp16 \
-        --finetune-defaults '{"base_lr": 0.1, "resolution": [48, 40]}'
+        --finetune-defaults '{"base_lr": 0.1, "resolution": [48, 40]}' --resolution 64
 DATA is what the run trained on (a packed set, a shard set, or a corpus folder holding train/): it names the classes.
 """
 
@@ -15,6 +15,7 @@ import torch
 
 from bigtransfer.checkpoints import load_state, save_checkpoint
 from bigtransfer.models import ResNetV2
+from bigtransfer.preprocess import data_config
 from bigtransfer.pretrain_data import load_pretrain_data
 from bigtransfer.runstate import read_run_state
 
@@ -29,6 +30,8 @@ def main() -> None:
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--finetune-defaults", type=json.loads, default=None,
                    help='JSON of recommended fine-tuning settings, e.g. \'{"base_lr": 0.1, "resolution": [48, 40]}\'')
+    p.add_argument("--resolution", type=int, metavar="R",
+                   help="the run's resolution, recorded as the model's data config (what predict/embed use)")
     args = p.parse_args()
     payload = read_run_state(args.state)  # torch's restricted unpickler: the file runs no code
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
@@ -36,6 +39,8 @@ def main() -> None:
     model = ResNetV2(args.arch, len(classes))
     load_state(model, state, args.state)
     model.labels = list(classes)
+    if args.resolution is not None:
+        model.data_config = data_config(args.resolution)
     extra = {"finetune_defaults": args.finetune_defaults} if args.finetune_defaults else {}
     save_checkpoint(model, args.out, dtype=torch.float16 if args.fp16 else None, source="bigtransfer pretrain",
                     pretrain_step=str(payload["step"]), **extra)
