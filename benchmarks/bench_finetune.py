@@ -2,10 +2,10 @@
 
 Three measurements, printed as lines (and as JSON with --json):
 
-- model: `bigtransfer.finetune.train_step` (forward, backward, SGD momentum update) on in-memory tensors, median
+- model: `bigtransfer.transfer.finetune.train_step` (forward, backward, SGD momentum update) on in-memory tensors, median
   over timed steps after warm-up steps: what the model alone sustains.
 - input: training batches of 500x375 JPEGs (decode, squash to 160, random 128 crop, flip) from
-  `bigtransfer.data.make_loader` at 0 and 2 workers (`bench_input.measure`): what the pipeline alone sustains.
+  `bigtransfer.data.datasets.make_loader` at 0 and 2 workers (`bench_input.measure`): what the pipeline alone sustains.
 - loop: a short `run_finetune` over the same JPEGs; its summary.json splits the loop's time into waiting for data
   and computing (`train_images_per_s`, `input_images_per_s`, `data_wait_fraction`).
 
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from bench_input import measure, write_jpegs
-from bigtransfer.data import ImageDataset, load_splits, train_transform
-from bigtransfer.finetune import FinetuneConfig, run_finetune, train_step
-from bigtransfer.models import ResNetV2
+from bigtransfer.data.datasets import ImageDataset, load_splits, train_transform
+from bigtransfer.model.resnetv2 import ResNetV2
+from bigtransfer.transfer.finetune import FinetuneConfig, run_finetune, train_step
 
 
 def model_rate(arch: str, size: int, batch: int, steps: int, warmup: int) -> tuple[float, list[float]]:

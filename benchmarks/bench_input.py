@@ -1,7 +1,7 @@
 """Input-pipeline throughput: training images/s (decode JPEG, squash, random crop, flip) at 0, 1 and 2 workers.
 
 Writes a folder of JPEGs (default 256 images of 500x375, about the size of ImageNet / Pets photos), then pulls
-training batches through `bigtransfer.data.make_loader` exactly as fine-tuning does and reports images/s once the
+training batches through `bigtransfer.data.datasets.make_loader` exactly as fine-tuning does and reports images/s once the
 workers are warm. Run: `.venv/bin/python benchmarks/bench_input.py [--workers 0 1 2] [--crop 128]`.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bigtransfer.data import ImageDataset, load_splits, make_loader, train_transform
+from bigtransfer.data.datasets import ImageDataset, load_splits, make_loader, train_transform
 
 
 def write_jpegs(root: Path, n: int, size: tuple[int, int], classes: int = 4) -> None:

@@ -1,6 +1,6 @@
 """Model speed: inference and training-step images/s and peak memory, ours against HF transformers' BiT.
 
-Every peer holds exactly our model's weights (copied through bigtransfer.checkpoints' key maps) and sees the
+Every peer holds exactly our model's weights (copied through bigtransfer.model.checkpoints' key maps) and sees the
 same input tensor. Candidates run interleaved in one process (round r times every candidate once), so machine
 noise from other processes hits all of them alike; each figure is the median over rounds. Peak training memory
 is measured in a fresh subprocess per candidate (Linux VmHWM, reset after the model is built, so it counts
@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from bigtransfer import gemmconv
-from bigtransfer.fast import PRECISIONS, prepare_for_inference
-from bigtransfer.models import ResNetV2
+from bigtransfer.deploy.inference_model import PRECISIONS, prepare_for_inference
+from bigtransfer.model import gemmconv
+from bigtransfer.model.resnetv2 import ResNetV2
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import PEER_WS_EPS, hf_bit, hf_logits, timm_available, timm_bit  # noqa: E402
@@ -192,7 +192,7 @@ def inference_candidates(cfg: Config, ours: ResNetV2, hf: torch.nn.Module, x: to
 
 
 def without_gemm(step: Step) -> Step:
-    """`step` with bigtransfer.gemmconv's GEMM path switched off for its duration."""
+    """`step` with bigtransfer.model.gemmconv's GEMM path switched off for its duration."""
     def run():
         saved = gemmconv.GEMM_MAX_POSITIONS
         gemmconv.GEMM_MAX_POSITIONS = {}
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{prec} matmul limit (2048^3, best of 10) over the run: {min(vals):.0f} to {max(vals):.0f} GFLOP/s")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if args.json:
-        from bigtransfer.atomic import write_text
+        from bigtransfer.core.atomic import write_text
 
         write_text(args.json, json.dumps({"limits": limits, "machine": cpu_description(), "rows": rows}, indent=1))
     return 0

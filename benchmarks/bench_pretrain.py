@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bigtransfer.models import RELEASED_ARCHS, ResNetV2
+from bigtransfer.model.resnetv2 import RELEASED_ARCHS, ResNetV2
 
 GiB = 2**30
 BYTES_FP32 = 4
@@ -209,8 +209,8 @@ def throughput(arch: str = "R26x0.5", size: int = 64, batch: int = 32, steps: in
 
 def decode_rate(n: int = 200, size: tuple[int, int] = (500, 375)) -> float:
     """Measured images/s of decode + Inception crop to 224 + flip for JPEGs of `size` (w, h) on one core."""
-    from bigtransfer.images import open_rgb
-    from bigtransfer.pretrain_data import InceptionCrop
+    from bigtransfer.data.images import open_rgb
+    from bigtransfer.data.pretraining import InceptionCrop
 
     rng = np.random.default_rng(0)
     blobs = []

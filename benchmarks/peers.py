@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from bigtransfer.checkpoints import hf_to_state, timm_to_state
-from bigtransfer.models import WS_EPS_PEERS, ResNetV2
+from bigtransfer.model.checkpoints import hf_to_state, timm_to_state
+from bigtransfer.model.resnetv2 import WS_EPS_PEERS, ResNetV2
 
 PEER_WS_EPS = WS_EPS_PEERS  # both peers standardize with 1e-8; our model is built with the same eps
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from bigtransfer import create_model, list_models
-from bigtransfer.checkpoints import read_metadata
-from bigtransfer.registry import resolve
+from bigtransfer.model.checkpoints import read_metadata
+from bigtransfer.model.registry import resolve
 
 NAME = "BiT-Mini-R26x0.5"
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from bigtransfer import CheckpointError, create_model, read_checkpoint, save_checkpoint
-from bigtransfer.checkpoints import read_metadata, write_npz
 from bigtransfer.cli import main as cli_main
+from bigtransfer.model.checkpoints import read_metadata, write_npz
 
 from .bit_reference import random_authors_arrays
 

@@ -15,10 +15,10 @@ from PIL import Image
 
 from bigtransfer import read_checkpoint
 from bigtransfer.cli import main
-from bigtransfer.demo import DemoModel, DemoSettings, run_demo, write_digits
-from bigtransfer.finetune import FinetuneConfig, run_finetune
-from bigtransfer.metrics import read_jsonl
-from bigtransfer.models import ResNetV2
+from bigtransfer.engine.metrics import read_jsonl
+from bigtransfer.model.resnetv2 import ResNetV2
+from bigtransfer.transfer.demo import DemoModel, DemoSettings, run_demo, write_digits
+from bigtransfer.transfer.finetune import FinetuneConfig, run_finetune
 
 from .test_finetune import make_image_folder
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from bigtransfer import corpus
 from bigtransfer.cli import main
-from bigtransfer.corpus import CorpusConfig, CorpusError, build_corpus, select
-from bigtransfer.corpus_fonts import FontError, builtin_font, find_fonts, font_codepoints
-from bigtransfer.corpus_sources import emoji_candidates, icon_candidates
-from bigtransfer.shards import ShardDataset, iter_shard, read_index
+from bigtransfer.corpus import build as corpus
+from bigtransfer.corpus.build import CorpusConfig, CorpusError, build_corpus, select
+from bigtransfer.corpus.fonts import FontError, builtin_font, find_fonts, font_codepoints
+from bigtransfer.corpus.sources import emoji_candidates, icon_candidates
+from bigtransfer.data.shards import ShardDataset, iter_shard, read_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_tiny_corpus_from_pillows_font(tmp_path):
 
 
 def corpus_tensor(img):
-    from bigtransfer.images import to_tensor
+    from bigtransfer.data.images import to_tensor
 
     return to_tensor(img)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer.data import (
+from bigtransfer.data.datasets import (
     DataSourceError,
     ImageDataset,
     Item,
@@ -20,7 +20,7 @@ from bigtransfer.data import (
     sample_seed,
     train_transform,
 )
-from bigtransfer.sampling import StepSampler
+from bigtransfer.data.sampling import StepSampler
 
 
 def _png(path, size=(12, 10), color=(200, 30, 60), mode="RGB", fmt=None):
@@ -246,7 +246,7 @@ def test_dataset_survives_a_file_that_goes_bad_later(tmp_path, caplog):
     ds = ImageDataset(items, eval_transform(8))
     expected_next = ds[2]
     open(items[1].source, "wb").close()  # corrupted after the check
-    with caplog.at_level(logging.WARNING, logger="bigtransfer.data"):
+    with caplog.at_level(logging.WARNING, logger="bigtransfer.data.datasets"):
         x, y = ds[1]
         x2, y2 = ds[1]
     assert torch.equal(x, expected_next[0]) and y == expected_next[1] and torch.equal(x2, x)

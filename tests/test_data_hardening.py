@@ -11,18 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer import images
-from bigtransfer.atomic import atomic_group
 from bigtransfer.cli import main
-from bigtransfer.data import DataSourceError, load_splits
-from bigtransfer.errors import UserError
-from bigtransfer.finetune import _fingerprint
-from bigtransfer.images import ImageError, open_rgb
-from bigtransfer.metrics import CONFUSION_MAX_CLASSES, Evaluation, confusion_matrix, confusion_report, to_json
-from bigtransfer.paths import shown
-from bigtransfer.pretrain_data import load_pretrain_data, read_multi_label_manifest
-from bigtransfer.protocols import write_split_manifest
-from bigtransfer.shards import ShardError, ShardWriter, read_index
+from bigtransfer.core.atomic import atomic_group
+from bigtransfer.core.errors import UserError
+from bigtransfer.core.paths import shown
+from bigtransfer.data import images
+from bigtransfer.data.datasets import DataSourceError, load_splits
+from bigtransfer.data.images import ImageError, open_rgb
+from bigtransfer.data.pretraining import load_pretrain_data, read_multi_label_manifest
+from bigtransfer.data.shards import ShardError, ShardWriter, read_index
+from bigtransfer.engine.metrics import CONFUSION_MAX_CLASSES, Evaluation, confusion_matrix, confusion_report, to_json
+from bigtransfer.evaluation.protocol_runs import write_split_manifest
+from bigtransfer.transfer.finetune import _fingerprint
 
 F = ["--model", "R14x0.5", "--steps", "3", "--batch", "4", "--resolution", "40", "32", "--quiet", "--workers", "0"]
 CAFE = os.fsdecode(b"caf\xe9.png")  # the bytes of a Latin-1 name: not UTF-8, so Python holds a lone surrogate
@@ -100,7 +100,7 @@ def test_split_manifests_carry_non_utf8_names_to_the_reader(tmp_path):
 
 
 def test_a_feature_cache_entry_with_impossible_rows_is_recomputed(tmp_path):
-    from bigtransfer.features import _read_cache
+    from bigtransfer.evaluation.features import _read_cache
 
     for kept in ([0, 5], [1, 0], [-1, 1]):
         np.savez(tmp_path / "c.npz", features=np.zeros((2, 3), np.float32), kept=np.array(kept), skipped=np.array("[]"))
@@ -308,7 +308,7 @@ def test_the_pixel_limit_is_one_named_constant(tmp_path, monkeypatch):
     path = _png(tmp_path / "p.png", size=(30, 20))
     assert open_rgb(path).size == (30, 20)
     monkeypatch.setattr(images, "MAX_PIXELS", 599)
-    with pytest.raises(ImageError, match=r"30x20 = 600 pixels; the limit is bigtransfer.images.MAX_PIXELS = 599"):
+    with pytest.raises(ImageError, match=r"30x20 = 600 pixels; the limit is bigtransfer.data.images.MAX_PIXELS = 599"):
         open_rgb(path)
 
 
@@ -351,7 +351,7 @@ def test_shard_labels_must_be_integers(tmp_path):
 
 
 def test_vtab_notes_test_classes_that_training_never_sees(tmp_path):
-    from bigtransfer.vtab import read_vtab
+    from bigtransfer.evaluation.vtab_tasks import read_vtab
 
     _folder(tmp_path / "dtd" / "train800", {"banded": 2, "woven": 2})
     _folder(tmp_path / "dtd" / "val200", {"banded": 1, "woven": 1})

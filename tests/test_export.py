@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from bigtransfer.checkpoints import save_checkpoint
 from bigtransfer.cli import main
-from bigtransfer.export import check_onnx, export, folded_module, onnx_weight_ops
-from bigtransfer.models import ResNetV2, StdConv2d
+from bigtransfer.deploy.export import check_onnx, export, folded_module, onnx_weight_ops
+from bigtransfer.model.checkpoints import save_checkpoint
+from bigtransfer.model.resnetv2 import ResNetV2, StdConv2d
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -133,7 +133,7 @@ def test_cli_export_checks_and_reports(model, tmp_path, capsys):
 
 
 def test_onnx_is_dynamic_by_default_with_named_io_and_deployment_metadata(model, tmp_path):
-    from bigtransfer.preprocess import data_config
+    from bigtransfer.model.preprocess import data_config
 
     named = ResNetV2("R14x0.5", 7)
     named.load_state_dict(model.state_dict())
@@ -155,7 +155,7 @@ def test_onnx_is_dynamic_by_default_with_named_io_and_deployment_metadata(model,
 
 
 def test_same_padded_models_are_refused_by_export(tmp_path):
-    from bigtransfer.export import ExportError
+    from bigtransfer.deploy.export import ExportError
 
     with pytest.raises(ExportError, match="'same' padding"):
         export(ResNetV2("R14x0.5", 3, padding="same"), tmp_path / "m.onnx", "onnx")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigtransfer.checkpoints import hf_to_state, load_state
-from bigtransfer.fast import InferenceModel, native_precision, prepare_for_inference
-from bigtransfer.models import WS_EPS_PEERS, PlainConv2d, ResNetV2
+from bigtransfer.deploy.inference_model import InferenceModel, native_precision, prepare_for_inference
+from bigtransfer.model.checkpoints import hf_to_state, load_state
+from bigtransfer.model.resnetv2 import WS_EPS_PEERS, PlainConv2d, ResNetV2
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

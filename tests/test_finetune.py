@@ -10,8 +10,11 @@ import torch
 from PIL import Image
 
 from bigtransfer import create_model, read_checkpoint
-from bigtransfer.data import load_splits
-from bigtransfer.finetune import (
+from bigtransfer.data.datasets import load_splits
+from bigtransfer.data.images import load_for_eval
+from bigtransfer.engine.metrics import read_jsonl
+from bigtransfer.model.resnetv2 import ResNetV2
+from bigtransfer.transfer.finetune import (
     FinetuneConfig,
     RunDirError,
     evaluate,
@@ -21,10 +24,7 @@ from bigtransfer.finetune import (
     run_finetune,
     train_step,
 )
-from bigtransfer.hyperrule import make_plan
-from bigtransfer.images import load_for_eval
-from bigtransfer.metrics import read_jsonl
-from bigtransfer.models import ResNetV2
+from bigtransfer.transfer.hyperrule import make_plan
 
 CLASSES = ("blue", "green", "red")
 
@@ -190,7 +190,7 @@ def test_mixup_inside_a_step_mixes_inputs_with_one_lambda_and_a_permutation_per_
 
 
 def test_fp16_and_bf16_steps_train_on_cpu():
-    from bigtransfer.device import grad_scaler
+    from bigtransfer.engine.device import grad_scaler
 
     x = torch.randn(4, 3, 32, 32)
     y = torch.tensor([0, 1, 2, 0])  # batch 4: the loss of a step is the mean over its 4 examples
@@ -269,11 +269,11 @@ def test_hostile_files_are_named_and_skipped_and_tiny_sets_sample_with_replaceme
 
 
 def test_evaluate_through_the_fast_path_equals_the_plain_model(monkeypatch):
-    import bigtransfer.fast
+    import bigtransfer.transfer.finetune as finetune_module
 
     used = []
-    real = bigtransfer.fast.prepare_for_inference
-    monkeypatch.setattr(bigtransfer.fast, "prepare_for_inference", lambda m, *a, **k: used.append(m) or real(m, *a, **k))
+    real = finetune_module.prepare_for_inference
+    monkeypatch.setattr(finetune_module, "prepare_for_inference", lambda m, *a, **k: used.append(m) or real(m, *a, **k))
     torch.manual_seed(0)
     model = ResNetV2("R14x0.5", 4, zero_head=False).train()
     batches = [(torch.rand(5, 3, 40, 40) * 2 - 1, torch.randint(0, 4, (5,))) for _ in range(3)]

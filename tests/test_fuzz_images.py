@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer.data import ImageDataset, eval_transform, load_splits
-from bigtransfer.shards import ShardDataset, ShardWarning, ShardWriter
+from bigtransfer.data.datasets import ImageDataset, eval_transform, load_splits
+from bigtransfer.data.shards import ShardDataset, ShardWarning, ShardWriter
 
 SEED = 15
 

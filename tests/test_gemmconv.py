@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigtransfer import gemmconv
-from bigtransfer.gemmconv import conv2d, gemm_conv2d, prefers_gemm
-from bigtransfer.models import ResNetV2
+from bigtransfer.model import gemmconv
+from bigtransfer.model.gemmconv import conv2d, gemm_conv2d, prefers_gemm
+from bigtransfer.model.resnetv2 import ResNetV2
 
 CL = torch.channels_last
 

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from bigtransfer import create_model, save_checkpoint
-from bigtransfer.atomic import DiskFullError, atomic_path
-from bigtransfer.checkpoints import CheckpointError, write_safetensors
 from bigtransfer.cli import main
-from bigtransfer.errors import UserError
-from bigtransfer.models import ResNetV2, parse_arch
-from bigtransfer.runstate import save_run_state
+from bigtransfer.core.atomic import DiskFullError, atomic_path
+from bigtransfer.core.errors import UserError
+from bigtransfer.engine.runstate import save_run_state
+from bigtransfer.model.checkpoints import CheckpointError, write_safetensors
+from bigtransfer.model.resnetv2 import ResNetV2, parse_arch
 
 TINY = ["--model", "R14x0.5", "--batch", "4", "--resolution", "36", "32", "--workers", "0", "--quiet"]
 
@@ -155,7 +155,7 @@ def test_metadata_labels_of_the_wrong_count_are_named(tmp_path):
 
 
 def test_output_paths_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
-    import bigtransfer.export as export_module
+    import bigtransfer.deploy.export as export_module
 
     save_checkpoint(_model(), tmp_path / "m.safetensors")
     monkeypatch.setattr(export_module, "folded_module", lambda m: pytest.fail("the export started"))
@@ -263,15 +263,15 @@ def test_cli_one_line_for_user_errors_and_tracebacks_for_bugs(tmp_path, capsys, 
 
 
 def test_project_errors_are_user_errors():
-    from bigtransfer.corpus import CorpusError
-    from bigtransfer.corpus_fonts import FontError
-    from bigtransfer.export import ExportError
-    from bigtransfer.finetune import RunDirError
-    from bigtransfer.images import ImageError
-    from bigtransfer.protocols import ProtocolDirError
-    from bigtransfer.shards import ShardError
-    from bigtransfer.sources import DataSourceError
-    from bigtransfer.zoo import DownloadError
+    from bigtransfer.corpus.build import CorpusError
+    from bigtransfer.corpus.fonts import FontError
+    from bigtransfer.data.images import ImageError
+    from bigtransfer.data.shards import ShardError
+    from bigtransfer.data.sources import DataSourceError
+    from bigtransfer.deploy.export import ExportError
+    from bigtransfer.evaluation.protocol_runs import ProtocolDirError
+    from bigtransfer.model.downloads import DownloadError
+    from bigtransfer.transfer.finetune import RunDirError
 
     for cls in (CheckpointError, CorpusError, FontError, ExportError, RunDirError, ImageError, ProtocolDirError,
                 ShardError, DataSourceError, DownloadError, DiskFullError):
@@ -286,7 +286,7 @@ def test_project_errors_are_user_errors():
     OSError(errno.ENOSPC, "No space left on device"),
 ])
 def test_disk_full_names_the_file_and_keeps_the_previous_state(tmp_path, monkeypatch, failure):
-    import bigtransfer.runstate as runstate
+    import bigtransfer.engine.runstate as runstate
 
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -339,7 +339,7 @@ def test_predict_refuses_a_resolution_that_cannot_fit(images, tmp_path, capsys):
 
 
 def test_memory_estimate_against_exact_parameter_counts_and_saved_activations():
-    from bigtransfer.memory import parameter_count, training_bytes
+    from bigtransfer.model.memory import parameter_count, training_bytes
 
     for name, classes in (("R14x0.5", 3), ("R26x1", 0), ("R50x1", 1000)):
         assert parameter_count(parse_arch(name), classes) == sum(p.numel() for p in ResNetV2(name, classes).parameters())
@@ -380,7 +380,7 @@ def test_one_step_warns_that_it_trains_nothing(capsys):
     assert "the only update is the first warm-up step, whose lr is 0" in capsys.readouterr().out
     assert main(["hyperrule", "--examples", "100", "--image-size", "32", "32", "--steps", "2"]) == 0
     assert "warm-up step" not in capsys.readouterr().out
-    from bigtransfer.pretrain import PretrainConfig, make_plan
+    from bigtransfer.upstream.pretrain import PretrainConfig, make_plan
 
     plan = make_plan(PretrainConfig(data="x", out="y", steps=1, warmup_steps=1), 10)
     assert plan.lr(0) == 0 and "whose lr is 0" in plan.describe()
@@ -398,7 +398,7 @@ def test_a_run_refused_before_its_first_step_leaves_no_folder(tmp_path, capsys):
 
 
 def test_more_output_paths_are_checked_before_the_work(images, tmp_path, capsys, monkeypatch):
-    import bigtransfer.inference as inference
+    import bigtransfer.deploy.inference as inference
 
     save_checkpoint(_model(), tmp_path / "m.safetensors")
     monkeypatch.setattr(inference, "prepare_for_inference", lambda *a, **k: pytest.fail("the work started"))
@@ -438,7 +438,7 @@ def test_predict_refuses_negative_workers(images, tmp_path, capsys):
 
 
 def test_a_feature_cache_entry_with_non_finite_values_is_recomputed(tmp_path):
-    from bigtransfer.features import _read_cache
+    from bigtransfer.evaluation.features import _read_cache
 
     np.savez(tmp_path / "e.npz", features=np.array([[1.0, np.nan]], np.float32), kept=np.array([0]),
              skipped=np.array("[]"))

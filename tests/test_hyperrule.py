@@ -3,7 +3,7 @@
 import pytest
 
 from bigtransfer.cli import main
-from bigtransfer.hyperrule import lr_at, make_plan, mixup_alpha, resolution, schedule
+from bigtransfer.transfer.hyperrule import lr_at, make_plan, mixup_alpha, resolution, schedule
 
 SMALL = [100, 200, 300, 400, 500]
 MEDIUM = [500, 3000, 6000, 9000, 10_000]

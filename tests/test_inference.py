@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer.checkpoints import save_checkpoint
 from bigtransfer.cli import main
-from bigtransfer.images import load_for_eval
-from bigtransfer.inference import embed_files, expand_inputs, label_names, load_model, predict_files
-from bigtransfer.models import ResNetV2
+from bigtransfer.data.images import load_for_eval
+from bigtransfer.deploy.inference import embed_files, expand_inputs, label_names, load_model, predict_files
+from bigtransfer.model.checkpoints import save_checkpoint
+from bigtransfer.model.resnetv2 import ResNetV2
 
 SIZE = 32
 LABELS = ["cat", "dog", "bird", "fish"]
@@ -142,7 +142,7 @@ def test_cli_embed_writes_features_and_file_list(model, checkpoint, folder, tmp_
 
 
 def test_label_names_from_the_released_label_file(tmp_path, monkeypatch):
-    from bigtransfer.zoo import cache_dir
+    from bigtransfer.model.downloads import cache_dir
 
     big = ResNetV2("R14x0.5", 1000)
     labels, why = label_names(big, "BiT-S-R50x1")  # offline and not cached: indices, with the reason

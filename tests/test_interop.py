@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 import bigtransfer
-from bigtransfer.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from bigtransfer.cli import main
-from bigtransfer.errors import UserError
-from bigtransfer.hyperrule import make_plan
-from bigtransfer.models import ResNetV2
-from bigtransfer.preprocess import create_transform, data_config, resolve_data_config
-from bigtransfer.registry import resolve
-from bigtransfer.transforms import eval_transform
+from bigtransfer.core.errors import UserError
+from bigtransfer.data.transforms import eval_transform
+from bigtransfer.model.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from bigtransfer.model.preprocess import create_transform, data_config, resolve_data_config
+from bigtransfer.model.registry import resolve
+from bigtransfer.model.resnetv2 import ResNetV2
+from bigtransfer.transfer.hyperrule import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = {0: "cat", 1: "dog", 2: "owl"}
@@ -172,7 +172,7 @@ def test_data_config_is_recorded_and_resolved_from_models_files_and_names(tmp_pa
 
 
 def test_feature_cache_tells_paddings_apart():
-    from bigtransfer.features import weights_digest
+    from bigtransfer.evaluation.features import weights_digest
 
     fixed, same = _ours(), ResNetV2("R14x0.5", 3, padding="same")
     same.load_state_dict(fixed.state_dict())

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer import features as features_mod
-from bigtransfer.checkpoints import save_checkpoint
 from bigtransfer.cli import main
-from bigtransfer.features import extract_features
-from bigtransfer.linear import L2_GRID, fit_linear_probe, fit_logistic, knn_predict, validation_split
-from bigtransfer.models import ResNetV2
+from bigtransfer.evaluation import features as features_mod
+from bigtransfer.evaluation.features import extract_features
+from bigtransfer.evaluation.linear import L2_GRID, fit_linear_probe, fit_logistic, knn_predict, validation_split
+from bigtransfer.model.checkpoints import save_checkpoint
+from bigtransfer.model.resnetv2 import ResNetV2
 
 
 def _blobs(n_per_class=20, dim=5, classes=3, spread=0.5, seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageColor
 
-from bigtransfer.metrics import (
+from bigtransfer.engine.metrics import (
     Evaluation,
     JsonlLogger,
     confusion_matrix,
@@ -17,7 +17,7 @@ from bigtransfer.metrics import (
     to_json,
     topk_correct,
 )
-from bigtransfer.plots import PALETTE, confusion_plot, error_bar_plot, line_plot, nice_ticks
+from bigtransfer.engine.plots import PALETTE, confusion_plot, error_bar_plot, line_plot, nice_ticks
 
 
 def test_topk_by_hand():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bigtransfer import ResNetV2, count_parameters, create_model, list_models, parse_arch
-from bigtransfer.checkpoints import hf_to_state, load_state
-from bigtransfer.registry import RELEASED
+from bigtransfer.model.checkpoints import hf_to_state, load_state
+from bigtransfer.model.registry import RELEASED
 
 from .bit_reference import random_authors_arrays, reference_logits
 
@@ -134,7 +134,7 @@ def test_reset_head_and_create_model_head_rules(tmp_path):
 
 
 def test_released_name_without_network_fails_fast_with_hint():
-    from bigtransfer.zoo import DownloadError
+    from bigtransfer.model.downloads import DownloadError
 
     with pytest.raises(DownloadError, match="BiT-M-R50x1.npz"):
         create_model("BiT-M-R50x1")

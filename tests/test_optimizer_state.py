@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bigtransfer.device import sgd
-from bigtransfer.models import ResNetV2
-from bigtransfer.runstate import load_run_state, save_run_state
+from bigtransfer.engine.device import sgd
+from bigtransfer.engine.runstate import load_run_state, save_run_state
+from bigtransfer.model.resnetv2 import ResNetV2
 
 CPU = torch.device("cpu")
 

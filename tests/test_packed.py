@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from bigtransfer.cli import main
-from bigtransfer.packed import PackedError, crop_flip_batch, open_packed, pack_shards, squash_batch
-from bigtransfer.pretrain_data import InceptionCrop, eval_batches, load_pretrain_data, train_batches
-from bigtransfer.shards import ShardWriter
+from bigtransfer.data.packed import PackedError, crop_flip_batch, open_packed, pack_shards, squash_batch
+from bigtransfer.data.pretraining import InceptionCrop, eval_batches, load_pretrain_data, train_batches
+from bigtransfer.data.shards import ShardWriter
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -103,7 +103,7 @@ def test_packed_training_stream_is_seeded_resumable_and_draws_inception_crops(tm
     halves = list(train_batches(data, 8, 4, 3, 1, 2, 1, 0, 4, 0))  # rank 1 of 2 gets the second half of each step
     assert torch.equal(halves[0][0], full[0][0][2:])
     # Example 0 of step 0 is the crop and flip InceptionCrop draws from that example's seed.
-    from bigtransfer.sampling import batch_indices, sample_seed
+    from bigtransfer.data.sampling import batch_indices, sample_seed
 
     row = batch_indices(0, 12, 4, 3)[0]
     box, flip = InceptionCrop.draw(16, 16, torch.Generator().manual_seed(sample_seed(3, 0, 0)))

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from bigtransfer.pretrain import PRESETS, PretrainConfig, example_losses, make_plan, precision_at_1, pretrain_loss
-from bigtransfer.pretrain_data import (
+from bigtransfer.data.pretraining import (
     DataSourceError,
     InceptionCrop,
     RankStepSampler,
@@ -20,6 +19,7 @@ from bigtransfer.pretrain_data import (
     random_resized_crop_box,
     read_multi_label_manifest,
 )
+from bigtransfer.upstream.pretrain import PRESETS, PretrainConfig, example_losses, make_plan, precision_at_1, pretrain_loss
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220)}
 SHAPES = ("circle", "square")
@@ -108,7 +108,7 @@ def test_warmup_keeps_the_share_of_images_at_other_batches():
 
 
 def test_resuming_a_run_saved_under_the_old_warmup_rule_is_refused_with_the_flag_that_resumes_it():
-    from bigtransfer.pretrain import _check_warmup
+    from bigtransfer.upstream.pretrain import _check_warmup
 
     n, path = 1_281_167, Path("run/state.pt")
     config = PretrainConfig(data="x", out="y", preset="bit-s", batch=512)
@@ -242,7 +242,7 @@ def pretrained_run(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        from bigtransfer.pretrain import run_pretrain
+        from bigtransfer.upstream.pretrain import run_pretrain
 
         root = tmp_path_factory.mktemp("shapes")
         manifest = write_shapes_dataset(root, n=96)
@@ -277,7 +277,7 @@ def test_pretraining_decreases_the_loss(pretrained_run):
 
 def test_checkpoint_loads_scores_and_exports(pretrained_run, tmp_path, one_thread):
     from bigtransfer import create_model, read_checkpoint, save_checkpoint
-    from bigtransfer.pretrain_data import eval_batches, load_pretrain_data
+    from bigtransfer.data.pretraining import eval_batches, load_pretrain_data
 
     config, summary = pretrained_run
     model = create_model("R14x0.5", pretrained=Path(config.out) / "checkpoint.safetensors").eval()
@@ -302,7 +302,7 @@ def test_resume_refuses_other_settings_and_finished_run_is_stable(pretrained_run
     from dataclasses import replace
 
     from bigtransfer import read_checkpoint
-    from bigtransfer.pretrain import run_pretrain
+    from bigtransfer.upstream.pretrain import run_pretrain
 
     config, summary = pretrained_run
     with pytest.raises(ValueError, match=r"seed \(saved 0, now 1\)"):
@@ -348,8 +348,8 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
 
 
 def test_pretrains_from_tar_shards(tmp_path, one_thread):
-    from bigtransfer.pretrain import run_pretrain
-    from bigtransfer.shards import ShardWriter
+    from bigtransfer.data.shards import ShardWriter
+    from bigtransfer.upstream.pretrain import run_pretrain
 
     manifest = write_shapes_dataset(tmp_path / "src", n=40)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -376,7 +376,7 @@ def _first_loss(out: Path) -> float:
 
 def test_default_loss_follows_the_labels_and_sigmoid_heads_start_at_bias_minus_10(tmp_path, one_thread):
     from bigtransfer import read_checkpoint
-    from bigtransfer.pretrain import run_pretrain
+    from bigtransfer.upstream.pretrain import run_pretrain
 
     # Multi-label: every image has exactly 2 of the 5 labels (a colour and a shape).
     manifest = write_shapes_dataset(tmp_path / "multi", n=16)
@@ -408,7 +408,7 @@ def test_default_loss_follows_the_labels_and_sigmoid_heads_start_at_bias_minus_1
 def test_explicit_loss_resumes_and_auto_is_refused_where_it_would_train_another_loss(tmp_path, one_thread):
     from dataclasses import replace
 
-    from bigtransfer.pretrain import run_pretrain
+    from bigtransfer.upstream.pretrain import run_pretrain
 
     manifest = write_shapes_dataset(tmp_path / "multi", n=16)
     config = PretrainConfig(data=str(manifest), out=str(tmp_path / "run"), model="R14x0.5", steps=2, batch=4,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-import bigtransfer.data
-import bigtransfer.protocols
+import bigtransfer.evaluation.protocol_runs
+import bigtransfer.transfer.finetune
 from bigtransfer.cli import main
-from bigtransfer.data import load_splits
-from bigtransfer.finetune import run_finetune
-from bigtransfer.protocols import percent
+from bigtransfer.data.datasets import load_splits
+from bigtransfer.evaluation.protocol_runs import percent
+from bigtransfer.transfer.finetune import run_finetune
 
 from .test_finetune import make_image_folder
 
@@ -97,7 +97,7 @@ def test_fewshot_repeat_reuses_finished_runs_and_resumes_the_rest(sweep, monkeyp
     def refuse(config):
         raise AssertionError(f"retrained {config.out}")
 
-    monkeypatch.setattr(bigtransfer.protocols, "run_finetune", refuse)
+    monkeypatch.setattr(bigtransfer.evaluation.protocol_runs, "run_finetune", refuse)
     assert main(argv) == 0
     assert capsys.readouterr().out.count("reused") == 4
     after = json.loads((out / "results.json").read_text())
@@ -109,7 +109,7 @@ def test_fewshot_repeat_reuses_finished_runs_and_resumes_the_rest(sweep, monkeyp
     # are still reused.
     (out / "k2" / "seed1" / "summary.json").unlink()
     calls = []
-    monkeypatch.setattr(bigtransfer.protocols, "run_finetune",
+    monkeypatch.setattr(bigtransfer.evaluation.protocol_runs, "run_finetune",
                         lambda config: calls.append(config.out) or run_finetune(config))
     assert main(argv) == 0
     assert calls == [str(out / "k2" / "seed1")]
@@ -182,10 +182,11 @@ def vtab_root(tmp_path_factory) -> Path:
 def vtab_run(vtab_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("vtab-out") / "out"
     transforms = []
-    real = bigtransfer.data.train_transform
+    real = bigtransfer.transfer.finetune.train_transform
     mp = pytest.MonkeyPatch()
-    # finetune imports train_transform from bigtransfer.data when a run starts: record what each run asks for.
-    mp.setattr(bigtransfer.data, "train_transform", lambda *a, **kw: transforms.append((a, kw)) or real(*a, **kw))
+    # Record what each run asks for, where finetune looks train_transform up.
+    mp.setattr(bigtransfer.transfer.finetune, "train_transform",
+               lambda *a, **kw: transforms.append((a, kw)) or real(*a, **kw))
     argv = ["evaluate", "vtab", "--root", str(vtab_root), "--out", str(out), "--sweep", "--sweep-lr", "0.1", "0.3",
             "--seeds", "1", *TINY]
     try:
@@ -256,7 +257,7 @@ def test_vtab_repeat_reuses_runs(vtab_run, monkeypatch):
     def refuse(config):
         raise AssertionError(f"retrained {config.out}")
 
-    monkeypatch.setattr(bigtransfer.protocols, "run_finetune", refuse)
+    monkeypatch.setattr(bigtransfer.evaluation.protocol_runs, "run_finetune", refuse)
     assert main(argv) == 0
     after = json.loads((out / "results.json").read_text())
     assert after["runs_reused"] == 9 and after["groups"] == before["groups"]
@@ -288,8 +289,8 @@ def test_vtab_runs_3_seeds_by_default_and_reports_their_median(vtab_root, tmp_pa
 
 
 def test_tuned_trials_are_seeded_log_uniform_draws_from_the_appendix_space():
-    from bigtransfer.protocols import TrainOptions
-    from bigtransfer.vtab_protocol import TUNED_MIXUP, TUNED_RESOLUTIONS, TUNED_STEPS, tuned_trial
+    from bigtransfer.evaluation.protocol_runs import TrainOptions
+    from bigtransfer.evaluation.vtab import TUNED_MIXUP, TUNED_RESOLUTIONS, TUNED_STEPS, tuned_trial
 
     free = TrainOptions()
     draws = [tuned_trial("dtd", i, free) for i in range(2000)]
@@ -308,7 +309,7 @@ def test_tuned_trials_are_seeded_log_uniform_draws_from_the_appendix_space():
 
 
 def test_vtab_tuned_picks_the_best_trial_on_val200_then_retrains_on_1000(vtab_root, tmp_path, monkeypatch):
-    from bigtransfer.vtab_protocol import tuned_trial
+    from bigtransfer.evaluation.vtab import tuned_trial
 
     out = tmp_path / "out"
     argv = ["evaluate", "vtab", "--root", str(vtab_root), "--out", str(out), "--tasks", "svhn", "--tuned",
@@ -321,7 +322,7 @@ def test_vtab_tuned_picks_the_best_trial_on_val200_then_retrains_on_1000(vtab_ro
     for i in range(3):
         run = out / "svhn" / "sweep" / f"trial{i:02d}"
         s, settings = summary_of(run), settings_of(run)
-        drawn = tuned_trial("svhn", i, bigtransfer.protocols.TrainOptions(steps=2, resolution=(20, 16)))
+        drawn = tuned_trial("svhn", i, bigtransfer.evaluation.protocol_runs.TrainOptions(steps=2, resolution=(20, 16)))
         assert settings["base_lr"] == drawn["base_lr"] and settings["mixup_alpha"] == drawn["mixup_alpha"]
         assert settings["steps"] == 2 and settings["resolution"] == [20, 16]  # fixed by --steps / --resolution
         assert json.loads((run / "config.json").read_text())["plan"]["mixup_alpha"] == drawn["mixup_alpha"]
@@ -338,7 +339,7 @@ def test_vtab_tuned_picks_the_best_trial_on_val200_then_retrains_on_1000(vtab_ro
     def refuse(config):
         raise AssertionError(f"retrained {config.out}")
 
-    monkeypatch.setattr(bigtransfer.protocols, "run_finetune", refuse)
+    monkeypatch.setattr(bigtransfer.evaluation.protocol_runs, "run_finetune", refuse)
     assert main(argv) == 0  # resumable: every trial and the final run are reused
     assert json.loads((out / "results.json").read_text())["runs_reused"] == 4
 

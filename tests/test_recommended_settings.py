@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from bigtransfer import registry
-from bigtransfer.checkpoints import save_checkpoint
 from bigtransfer.cli import main
-from bigtransfer.finetune import FinetuneConfig, recommended_settings
-from bigtransfer.hyperrule import BASE_LR, make_plan
-from bigtransfer.models import ResNetV2
+from bigtransfer.model import registry
+from bigtransfer.model.checkpoints import save_checkpoint
+from bigtransfer.model.resnetv2 import ResNetV2
+from bigtransfer.transfer.finetune import FinetuneConfig, recommended_settings
+from bigtransfer.transfer.hyperrule import BASE_LR, make_plan
 
 from .test_finetune import make_image_folder
 

@@ -18,24 +18,26 @@ from pathlib import Path
 import pytest
 import torch
 
-import bigtransfer.data
-import bigtransfer.pretrain_data
-import bigtransfer.runfolder as runfolder
-import bigtransfer.vtab
+import bigtransfer.core.runfolder as runfolder
+import bigtransfer.evaluation.fewshot
+import bigtransfer.evaluation.linear
+import bigtransfer.evaluation.vtab
+import bigtransfer.transfer.finetune
+import bigtransfer.upstream.pretrain
 from bigtransfer import read_checkpoint
-from bigtransfer.atomic import KILL_IN_WRITE_ENV
 from bigtransfer.cli import main
-from bigtransfer.errors import UserError
-from bigtransfer.finetune import FinetuneConfig, run_finetune
-from bigtransfer.metrics import read_jsonl
-from bigtransfer.runfolder import LOCK_FILE, FolderBusy, own_folder, read_owner
+from bigtransfer.core.atomic import KILL_IN_WRITE_ENV
+from bigtransfer.core.errors import UserError
+from bigtransfer.core.runfolder import LOCK_FILE, FolderBusy, own_folder, read_owner
+from bigtransfer.engine.metrics import read_jsonl
+from bigtransfer.transfer.finetune import FinetuneConfig, run_finetune
 
 from .test_finetune import make_image_folder
 from .test_pretrain import write_shapes_dataset
 
 # The same thread count as this process (conftest sets 1): CPU kernels may sum in another order with another count.
 ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
-HOLDER = ("import sys, time\nfrom bigtransfer.runfolder import own_folder\n"
+HOLDER = ("import sys, time\nfrom bigtransfer.core.runfolder import own_folder\n"
           "with own_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)\n")
 FT_TINY = ["--model", "R14x0.5", "--batch", "4", "--resolution", "36", "32", "--base-lr", "0.3", "--quiet"]
 PT_TINY = ["--model", "R14x0.5", "--steps", "12", "--batch", "8", "--resolution", "32", "--lr", "0.05",
@@ -84,8 +86,11 @@ def test_every_writing_verb_is_refused_at_once_naming_the_owner(folder, manifest
         def no_loading(*a, **k):
             raise AssertionError("data loaded although the folder is owned by another process")
 
-        for module, name in ((bigtransfer.data, "load_splits"), (bigtransfer.pretrain_data, "load_pretrain_data"),
-                             (bigtransfer.vtab, "read_vtab")):
+        # Where each verb looks the loader up (each imports it by name at its top).
+        for module, name in ((bigtransfer.transfer.finetune, "load_splits"), (bigtransfer.evaluation.linear, "load_splits"),
+                             (bigtransfer.evaluation.fewshot, "load_splits"),
+                             (bigtransfer.upstream.pretrain, "load_pretrain_data"),
+                             (bigtransfer.evaluation.vtab, "read_vtab")):
             monkeypatch.setattr(module, name, no_loading)
         data, out = ["--data", str(folder)], ["--out", str(run)]
         verbs = {

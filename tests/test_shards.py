@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bigtransfer.images import squash, to_tensor
-from bigtransfer.shards import (
+from bigtransfer.data.images import squash, to_tensor
+from bigtransfer.data.shards import (
     ShardDataset,
     ShardError,
     ShardWarning,

@@ -5,7 +5,7 @@ import csv
 import pytest
 from PIL import Image
 
-from bigtransfer.vtab import GROUPS, SPLITS, TASKS, get_task, group_means, read_vtab
+from bigtransfer.evaluation.vtab_tasks import GROUPS, SPLITS, TASKS, get_task, group_means, read_vtab
 
 # Spec section 5, verbatim.
 SPEC_GROUPS = {

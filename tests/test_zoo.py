@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import shutil
 import threading
 
 import numpy as np
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from bigtransfer import create_model
-from bigtransfer.checkpoints import CheckpointError
-from bigtransfer.registry import RELEASED
-from bigtransfer.zoo import DownloadError, cache_dir, copy_into_cache, fetch, read_labels, weights_file
+from bigtransfer.model.checkpoints import CheckpointError
+from bigtransfer.model.downloads import DownloadError, cache_dir, fetch, read_labels, weights_file
+from bigtransfer.model.registry import RELEASED
 
 from .bit_reference import random_authors_arrays, reference_logits
 
@@ -153,6 +154,14 @@ def test_a_known_sha256_must_match(tmp_path, online):
         assert not (tmp_path / "c" / "m.npz").exists()
         good = hashlib.sha256(body).hexdigest()
         assert fetch(srv.url + "m.npz", tmp_path / "c" / "m.npz", progress=False, sha256=good).read_bytes() == body
+
+
+def copy_into_cache(src, filename: str):
+    """Place a file in the (per-test) download cache by hand, as a user might."""
+    dest = cache_dir() / filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
 
 
 def test_a_bad_cached_file_names_the_file_to_delete(tmp_path, online, monkeypatch):

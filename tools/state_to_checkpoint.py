@@ -13,11 +13,11 @@ import json
 
 import torch
 
-from bigtransfer.checkpoints import load_state, save_checkpoint
-from bigtransfer.models import ResNetV2
-from bigtransfer.preprocess import data_config
-from bigtransfer.pretrain_data import load_pretrain_data
-from bigtransfer.runstate import read_run_state
+from bigtransfer.data.pretraining import load_pretrain_data
+from bigtransfer.engine.runstate import read_run_state
+from bigtransfer.model.checkpoints import load_state, save_checkpoint
+from bigtransfer.model.preprocess import data_config
+from bigtransfer.model.resnetv2 import ResNetV2
 
 
 def main() -> None:

@@ -1,19 +1,19 @@
 """bigtransfer: Big Transfer (BiT) in PyTorch."""
 
-from .checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from .factory import create_model
-from .fast import prepare_for_inference
-from .finetune import FinetuneConfig, run_finetune
-from .hyperrule import make_plan
-from .inference import Prediction, predict
-from .lr_scheduler import HyperRuleLR
-from .models import ResNetV2, StdConv2d, count_parameters, parse_arch
-from .preprocess import create_transform, resolve_data_config
-from .registry import list_models
-
-__version__ = "0.1.0"
+from .core.version import __version__
+from .deploy.inference import Prediction, predict
+from .deploy.inference_model import prepare_for_inference
+from .model.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from .model.factory import create_model
+from .model.preprocess import create_transform, resolve_data_config
+from .model.registry import list_models
+from .model.resnetv2 import ResNetV2, StdConv2d, count_parameters, parse_arch
+from .transfer.finetune import FinetuneConfig, run_finetune
+from .transfer.hyperrule import make_plan
+from .transfer.lr_scheduler import HyperRuleLR
 
 __all__ = [
+    "__version__",
     "CheckpointError",
     "FinetuneConfig",
     "HyperRuleLR",

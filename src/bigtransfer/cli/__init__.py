@@ -1,4 +1,8 @@
-"""The `bigtransfer` command line: one sub-module per verb, each with register() and run()."""
+"""The `bigtransfer` command line: one sub-module per verb, each with register() and run().
+
+A verb imports the machinery it runs inside run() (and register()), not at its top: building the parser imports
+every verb module, and loading every layer for `bigtransfer --help` would slow each start by the import time.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import importlib
 import os
 import sys
 
-from ..errors import is_user_error
-from ..runfolder import StopRequested
+from ..core.errors import is_user_error
+from ..core.runfolder import StopRequested
 
 # Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
 VERBS = ["models", "convert", "hyperrule", "finetune", "demo", "predict", "embed", "export", "evaluate", "pretrain",
@@ -22,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Big Transfer (BiT): pre-trained ResNet-v2 models, HyperRule fine-tuning, evaluation.",
         epilog="Run 'bigtransfer VERB --help' for a verb's options.",
     )
-    from .. import __version__
+    from ..core.version import __version__
 
     parser.add_argument("--version", action="version", version=f"bigtransfer {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

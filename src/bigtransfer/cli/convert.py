@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 HELP = "Convert weights between the authors' .npz, bigtransfer .safetensors, timm state dicts and HF transformers folders."
 FORMATS = ("bigtransfer", "npz", "timm", "hf")
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     """Convert one file."""
     import torch
 
-    from ..checkpoints import (
+    from ..core.validate import check_out_file
+    from ..model.checkpoints import (
         infer_arch,
         load_state,
         meta_labels,
@@ -71,9 +72,8 @@ def run(args: argparse.Namespace) -> int:
         write_peer,
         write_safetensors,
     )
-    from ..checks import check_out_file
-    from ..models import ResNetV2
-    from ..preprocess import meta_data_config
+    from ..model.preprocess import meta_data_config
+    from ..model.resnetv2 import ResNetV2
 
     fmt = output_format(args.output, args.to)
     if fmt != "hf":

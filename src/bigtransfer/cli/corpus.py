@@ -17,7 +17,7 @@ DIR appears only once the build has finished."""
 
 def register(p: argparse.ArgumentParser) -> None:
     """Add this verb's options."""
-    from ..corpus import APT_COMMAND, SOURCES, CorpusConfig
+    from ..corpus.build import APT_COMMAND, SOURCES, CorpusConfig
 
     d = CorpusConfig(out="")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -49,7 +49,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the corpus and print its statistics."""
-    from ..corpus import CorpusConfig, build_corpus
+    from ..corpus.build import CorpusConfig, build_corpus
 
     d = CorpusConfig(out="")
     cfg = CorpusConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 HELP = ("Run the demo: fine-tune the bundled BiT-Mini and the same architecture from scratch on 1/5/10 handwritten "
         "digits per class (scikit-learn's, written out as PNG files), 3 seeds; a few minutes on a CPU.")
@@ -12,7 +12,7 @@ HELP = ("Run the demo: fine-tune the bundled BiT-Mini and the same architecture 
 
 def register(p: argparse.ArgumentParser) -> None:
     """Add this verb's options."""
-    from ..demo import DemoSettings
+    from ..transfer.demo import DemoSettings
 
     d = DemoSettings()
     p.add_argument("--out", default="bigtransfer-demo", metavar="DIR",
@@ -28,8 +28,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print where everything went."""
-    from ..checks import check_out_folder
-    from ..demo import DemoSettings, run_demo
+    from ..core.validate import check_out_folder
+    from ..transfer.demo import DemoSettings, run_demo
 
     for name in ("seeds", "steps", "batch", "processes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .predict import add_model_options, check_resolution, input_config, input_files, report_skip
 
 HELP = "Compute pre-logit features (N x 2048*width) for every image under a folder; writes .npy + file list."
@@ -31,10 +31,10 @@ def run(args: argparse.Namespace) -> int:
     """Embed the images and write both files atomically."""
     import numpy as np
 
-    from ..atomic import atomic_group
-    from ..checks import check_out_file
-    from ..inference import embed_files, load_model
-    from ..paths import name_bytes, shown
+    from ..core.atomic import atomic_group
+    from ..core.paths import name_bytes, shown
+    from ..core.validate import check_out_file
+    from ..deploy.inference import embed_files, load_model
 
     if args.out.suffix.lower() != ".npy":
         raise UserError(f"{args.out}: --out must end in .npy")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .predict import add_model_options
 
 if TYPE_CHECKING:
-    from ..protocols import TrainOptions
+    from ..evaluation.protocol_runs import TrainOptions
 
 HELP = "Evaluate a checkpoint: linear probe or k-NN on frozen pre-logits (cached), few-shot, VTAB."
 
@@ -41,7 +41,7 @@ def _register_knn(p: argparse.ArgumentParser) -> None:
 
 
 def _run_frozen(args: argparse.Namespace) -> int:
-    from ..linear import FrozenEvalConfig, run_frozen_eval
+    from ..evaluation.linear import FrozenEvalConfig, run_frozen_eval
 
     config = FrozenEvalConfig(
         method=args.protocol, data=args.data, out=args.out, model=args.model, weights=args.weights,
@@ -75,7 +75,7 @@ def _register_training(p: argparse.ArgumentParser) -> None:
 
 
 def _training(args: argparse.Namespace) -> TrainOptions:
-    from ..protocols import TrainOptions
+    from ..evaluation.protocol_runs import TrainOptions
 
     return TrainOptions(model=args.model, weights=args.weights, steps=args.steps, batch=args.batch,
                         batch_split=args.batch_split, resolution=tuple(args.resolution) if args.resolution else None,
@@ -96,7 +96,7 @@ def _register_fewshot(p: argparse.ArgumentParser) -> None:
 
 
 def _run_fewshot(args: argparse.Namespace) -> int:
-    from ..fewshot import FewShotConfig, run_fewshot
+    from ..evaluation.fewshot import FewShotConfig, run_fewshot
 
     run_fewshot(FewShotConfig(data=args.data, out=args.out, shots=tuple(args.shots), seeds=args.seeds,
                               train=_training(args), val_fraction=args.val_fraction, overwrite=args.overwrite))
@@ -124,7 +124,7 @@ def _register_vtab(p: argparse.ArgumentParser) -> None:
 
 
 def _run_vtab(args: argparse.Namespace) -> int:
-    from ..vtab_protocol import SWEEP_LRS, VtabConfig, run_vtab
+    from ..evaluation.vtab import SWEEP_LRS, VtabConfig, run_vtab
 
     run_vtab(VtabConfig(root=args.root, out=args.out, tasks=args.tasks, sweep=args.sweep, tuned=args.tuned,
                         trials=args.trials,

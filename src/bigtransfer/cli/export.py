@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 HELP = "Export a model to ONNX or TorchScript (any input size), verified against the eager model."
 
@@ -28,8 +28,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, check at two input sizes, and report; exit 1 when the check fails."""
-    from ..export import CHECK_SIZES, DEFAULT_OPSET, ExportError, export
-    from ..inference import load_model
+    from ..deploy.export import CHECK_SIZES, DEFAULT_OPSET, ExportError, export
+    from ..deploy.inference import load_model
 
     if args.opset is not None and args.format != "onnx":
         raise UserError("--opset applies to --format onnx only")
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     batch = "N" if args.dynamic_batch or args.format != "onnx" else "1"
     print(f"wrote {args.out} ({args.format}; {what}; input {batch} x 3 x H x W, any H and W)")
     if args.format == "onnx":
-        from ..export import INPUT_NAME, onnx_metadata, output_name
+        from ..deploy.export import INPUT_NAME, onnx_metadata, output_name
 
         meta = onnx_metadata(model)
         print(f"input '{INPUT_NAME}' -> output '{output_name(model)}'; metadata: resolution {meta['resolution']}, "

@@ -55,7 +55,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) one fine-tuning."""
-    from ..finetune import FinetuneConfig, run_finetune
+    from ..transfer.finetune import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
         data=args.data, out=args.out, model=args.model, weights=args.weights,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 HELP = "Print the BiT-HyperRule fine-tuning plan (resolution, schedule, lr, MixUp) for a dataset."
 
@@ -26,12 +26,12 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plan."""
-    from ..hyperrule import make_plan
+    from ..transfer.hyperrule import make_plan
 
     if args.data is not None:
         if args.examples is not None or args.image_size is not None:
             raise UserError("give either --data or --examples with --image-size, not both")
-        from ..data import image_size_of, load_splits
+        from ..data.datasets import image_size_of, load_splits
 
         splits = load_splits(args.data, examples_per_class=args.examples_per_class, check_images=False)
         n, size = len(splits.train), image_size_of(splits)

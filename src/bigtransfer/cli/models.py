@@ -14,8 +14,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """List the models."""
-    from ..models import ResNetV2, count_parameters
-    from ..registry import list_models, resolve
+    from ..model.registry import list_models, resolve
+    from ..model.resnetv2 import ResNetV2, count_parameters
 
     names = list_models()
     width = max(28, *(len(n) for n in names))

@@ -17,8 +17,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Pack every shard set found at args.source."""
-    from ..packed import PackedError, open_packed, pack_shards
-    from ..pretrain_data import find_shard_sets
+    from ..data.packed import PackedError, open_packed, pack_shards
+    from ..data.pretraining import find_shard_sets
 
     found = find_shard_sets(args.source)
     if found is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import UserError
-from ..paths import shown
+from ..core.errors import UserError
+from ..core.paths import shown
 
 HELP = "Classify images (files or folders) with a model: top-k labels with softmax scores."
 
@@ -33,8 +33,8 @@ def check_resolution(args: argparse.Namespace) -> None:
 
 
 def input_config(args: argparse.Namespace, model) -> dict:
-    """The data config the model carries (see bigtransfer.preprocess), its size replaced by --resolution if given."""
-    from ..preprocess import resolve_data_config
+    """The data config the model carries (see bigtransfer.model.preprocess), its size replaced by --resolution if given."""
+    from ..model.preprocess import resolve_data_config
 
     check_resolution(args)
     return resolve_data_config(model, resolution=args.resolution)
@@ -42,7 +42,7 @@ def input_config(args: argparse.Namespace, model) -> dict:
 
 def input_files(inputs: list[str], what: str) -> tuple[list, list]:
     """(files, problems) for the image files and folders in `inputs`, each problem printed; says so if none."""
-    from ..inference import expand_inputs
+    from ..deploy.inference import expand_inputs
 
     files, problems = expand_inputs(inputs)
     for s in problems:
@@ -69,8 +69,8 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict every image; exit 0 if at least one was classified."""
-    from ..inference import label_names, load_model, predict_files
-    from ..metrics import to_json
+    from ..deploy.inference import label_names, load_model, predict_files
+    from ..engine.metrics import to_json
 
     check_resolution(args)
     files, problems = input_files(args.images, "classify")

@@ -11,7 +11,7 @@ HELP = ("Pre-train a BiT model from scratch (BiT-S/M/L recipe); scale out with "
 
 def register(p: argparse.ArgumentParser) -> None:
     """Add this verb's options."""
-    from ..pretrain import LOSS_SETTINGS, PRECISIONS, PRESETS
+    from ..upstream.pretrain import LOSS_SETTINGS, PRECISIONS, PRESETS
 
     p.add_argument("--data", required=True,
                    help="multi-label JSONL manifest ({\"path\":..., \"labels\": [...]}), image folder, CSV/JSONL "
@@ -60,7 +60,7 @@ def register(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or resume) pre-training."""
-    from ..pretrain import PretrainConfig, run_pretrain
+    from ..upstream.pretrain import PretrainConfig, run_pretrain
 
     config = PretrainConfig(
         data=args.data, out=args.out, model=args.model, preset=args.preset, epochs=args.epochs, steps=args.steps,

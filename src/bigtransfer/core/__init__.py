@@ -1,0 +1,1 @@
+"""Foundations every layer uses: user errors, atomic writes, path display, setting checks, run-folder ownership."""

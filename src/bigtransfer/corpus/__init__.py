@@ -1,0 +1,1 @@
+"""Building a synthetic pre-training corpus (glyphs, icons, emoji) as shards."""

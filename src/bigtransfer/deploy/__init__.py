@@ -1,0 +1,1 @@
+"""Using a trained model: the inference path, prediction and embeddings, export."""

@@ -1,0 +1,216 @@
+"""Inference fast path: a frozen copy of a BiT model with weights standardized once."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from ..core.errors import UserError
+from ..model.resnetv2 import PlainConv2d, ResNetV2, StdConv2d
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _layout(model: nn.Module) -> tuple:
+    """Names, shapes, dtypes and devices of the parameters: what a frozen copy must share to be refilled in place."""
+    return tuple((name, tuple(p.shape), p.dtype, p.device) for name, p in model.named_parameters())
+
+
+def _signature(model: nn.Module) -> tuple:
+    """Changes whenever a parameter is updated in place (version counter) or replaced (a new tensor or storage:
+    also what a change of shape, dtype, device or layout makes)."""
+    return tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
+
+
+def _standardized_state(model: ResNetV2) -> dict[str, torch.Tensor]:
+    """The model's state with every standardized conv's kernel replaced by its standardized value."""
+    with torch.no_grad():
+        state = dict(model.state_dict())
+        for name, m in model.named_modules():
+            if isinstance(m, StdConv2d):
+                state[f"{name}.weight"] = m.standardized_weight()
+    return state
+
+
+def _plain_conv(m: StdConv2d) -> PlainConv2d:
+    plain = PlainConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                        bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    plain.dynamic_same = m.dynamic_same
+    return plain
+
+
+def frozen_copy(model: ResNetV2) -> ResNetV2:
+    """A copy of `model` whose standardized convs are plain convs holding the standardized kernels."""
+    frozen = copy.deepcopy(model)
+    for name, m in list(frozen.named_modules()):
+        if isinstance(m, StdConv2d):
+            parent, _, child = name.rpartition(".")
+            setattr(frozen.get_submodule(parent) if parent else frozen, child, _plain_conv(m))
+    frozen.load_state_dict(_standardized_state(model))
+    return frozen.eval().requires_grad_(False)
+
+
+# CPU instruction sets that give each reduced precision real matrix units. oneDNN also runs bf16 on plain
+# AVX512 (it reports it "supported"), but emulated, and measured 2-3x slower than fp32 (benchmarks/RESULTS.md).
+_CPU_UNITS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+def native_precision(precision: str, device: torch.device) -> bool:
+    """Whether `precision` runs on hardware matrix units on `device` rather than emulated (fp32 always does)."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return any(flag in flags for flag in _CPU_UNITS[precision])
+
+
+def _frozen_compile(fn):
+    """torch.compile with inductor's freezing: weights become constants, prepacked for oneDNN, with the
+    residual add fused into the conv. A weight change therefore needs a new compile (refresh() drops it)."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        # Freezing is read when a graph is (re)compiled, which happens inside a call; passing it through
+        # torch.compile(options=...) was measured to leave it off.
+        from torch._inductor import config
+
+        with config.patch(freezing=True):
+            return compiled(x)
+
+    return call
+
+
+class InferenceModel(nn.Module):
+    """Eval-only BiT model: float32 NCHW input in [-1, 1] -> float32 logits, no autograd.
+
+    Holds a frozen copy of the source model with the standardized kernels computed once, in the chosen
+    precision and memory layout. Before each call it checks the source's parameters (version counters and
+    storage) and recomputes the copy if they changed, e.g. after an optimizer step or load_state_dict.
+    Call `refresh()` after changing weights behind autograd's back (through `.data`).
+    """
+
+    def __init__(self, model: ResNetV2, precision: str = "fp32", channels_last: bool | None = None,
+                 compile: bool = False) -> None:
+        super().__init__()
+        if not isinstance(model, ResNetV2):
+            raise TypeError(f"prepare_for_inference needs a bigtransfer ResNetV2, not {type(model).__name__}")
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        # Channels-last: oneDNN's convolutions and max-pool measured 1.3-2x faster than NCHW on this model
+        # (benchmarks/RESULTS.md), and it is cuDNN's tensor-core layout.
+        self.channels_last = True if channels_last is None else bool(channels_last)
+        self.compile = compile
+        # Kept outside the module tree so state_dict() and parameters() don't repeat the source's weights.
+        self.__dict__["source"] = model
+        self.frozen: ResNetV2 = None  # type: ignore[assignment]  # set by refresh()
+        self._compiled: dict[bool, object] = {}
+        self._sig: tuple = ()
+        self.refresh()
+        super().eval()
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.source.labels
+
+    @property
+    def data_config(self) -> dict | None:
+        return self.source.data_config
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def feature_dim(self) -> int:
+        return self.source.feature_dim
+
+    def train(self, mode: bool = True) -> InferenceModel:
+        """Inference only: training mode is refused."""
+        if mode:
+            raise RuntimeError("an InferenceModel is eval-only; train the source model instead")
+        return super().train(False)
+
+    def refresh(self) -> None:
+        """Recompute the frozen copy from the source model's current weights."""
+        source = self.source
+        # Same shapes and devices: refill in place. Not when compiling: a frozen graph holds the old weights as
+        # constants and its cache entry is guarded on the module object, so only a new copy recompiles.
+        if self.frozen is not None and _layout(source) == self._layout and not self.compile:
+            self.frozen.load_state_dict(_standardized_state(source))
+        else:
+            frozen = frozen_copy(source)
+            self._layout = _layout(source)
+            if self.dtype is not torch.float32 and not self._autocast:
+                frozen = frozen.to(self.dtype)
+            if self.channels_last:
+                frozen = frozen.to(memory_format=torch.channels_last)
+            self.frozen = frozen
+        self._compiled = {}
+        self._sig = _signature(source)
+
+    @property
+    def _autocast(self) -> bool:
+        # On CUDA: autocast, the standard mixed-precision recipe (GroupNorm in fp32). On CPU a copy cast once
+        # to the reduced precision measured slightly faster than autocast (no per-call weight casts) with the
+        # same top-1 agreement (CPU GroupNorm accumulates bf16 input in fp32).
+        return self.dtype is not torch.float32 and next(self.source.parameters()).device.type != "cpu"
+
+    def _function(self, features: bool):
+        if _signature(self.source) != self._sig:
+            self.refresh()
+        fn = self.frozen.forward_features if features else self.frozen.forward
+        if not self.compile:
+            return fn
+        if features not in self._compiled:
+            self._compiled[features] = _frozen_compile(fn)
+        return self._compiled[features]
+
+    def _run(self, x: torch.Tensor, features: bool) -> torch.Tensor:
+        fn = self._function(features)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            if self.dtype is torch.float32:
+                y = fn(x)
+            elif self._autocast:
+                with torch.autocast(x.device.type, dtype=self.dtype):
+                    y = fn(x)
+            else:
+                y = fn(x.to(self.dtype))
+        return y.float()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-logits (N, 2048*w), float32."""
+        return self._run(x, features=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, classes), float32."""
+        return self._run(x, features=False)
+
+
+def prepare_for_inference(model: ResNetV2, precision: str = "fp32", channels_last: bool | None = None,
+                          compile: bool = False) -> InferenceModel:
+    """A fast eval-only module computing the same logits and features as `model` (float32 in, float32 out).
+
+    precision: "fp32" (within 1e-4 relative of the model), "bf16" or "fp16" (reduced-precision compute).
+    channels_last: memory layout of the frozen copy; None picks the faster one (channels-last).
+    compile: also torch.compile the frozen copy (slow first call; recompiles after a weight change).
+    """
+    fast = InferenceModel(model, precision, channels_last, compile)
+    device = next(model.parameters()).device
+    if not native_precision(precision, device):
+        warnings.warn(f"{precision} on this {device.type} has no matrix-unit support and is emulated: "
+                      "expect it to be slower than fp32", RuntimeWarning, stacklevel=2)
+    return fast

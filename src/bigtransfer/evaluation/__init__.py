@@ -1,0 +1,1 @@
+"""Evaluation protocols: frozen features, few-shot, VTAB-1k, and what they share."""

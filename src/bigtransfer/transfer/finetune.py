@@ -1,0 +1,616 @@
+"""Fine-tune a BiT model on a dataset with the BiT-HyperRule, resumably; `run_finetune(config)` does one run.
+
+The loop (spec section 3): SGD momentum 0.9 without weight decay, lr from the HyperRule plan at every step, a new
+zero-initialised head, the global batch accumulated over `batch_split` micro-batches (each micro-batch's summed loss
+is divided by the global batch, so the gradient is the full batch's mean), MixUp with one lambda per step shared by
+the micro-batches and a partner permutation within each micro-batch. Which examples, crops, flips, lambdas and
+permutations step s uses depend on (seed, s) only, so a run killed and re-run with the same command resumes from
+RUN/state.pt and ends with the same weights as an uninterrupted run (bit for bit on CPU).
+
+RUN/ holds: config.json (every setting and the resolved plan), metrics.jsonl (one record per step and per
+evaluation; "step" counts completed updates), state.pt (resume point), checkpoint.safetensors (final weights,
+class names as labels), summary.json, and loss.png, lr.png, accuracy.png, confusion.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.atomic import write_text
+from ..core.errors import UserError
+from ..core.paths import name_bytes
+from ..core.runfolder import LOCK_FILE, StopOnSignal, own_folder
+from ..core.validate import check_out_folder, check_positive
+from ..core.version import __version__
+from ..data.datasets import (
+    DataSourceError,
+    ImageDataset,
+    eval_transform,
+    image_size_of,
+    load_splits,
+    make_loader,
+    train_transform,
+)
+from ..data.sampling import mix_seed
+from ..deploy.inference_model import prepare_for_inference
+from ..engine.device import PRECISIONS, autocast, describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.metrics import Evaluation, JsonlLogger, read_jsonl, to_json
+from ..engine.plots import confusion_plot, line_plot
+from ..engine.runstate import load_run_state, save_run_state
+from ..model.checkpoints import save_checkpoint
+from ..model.factory import create_model
+from ..model.memory import check_training
+from ..model.preprocess import data_config
+from ..model.registry import resolve
+from ..model.resnetv2 import ResNetV2
+from .hyperrule import BASE_LR, VARIANTS, make_plan
+
+# Settings that change what a run computes: resuming under different values would splice two different runs.
+SETTINGS_THAT_MATTER = ("data", "model", "weights", "examples_per_class", "seed", "steps", "batch", "resolution",
+                        "flip", "crop", "variant", "base_lr", "val_fraction", "precision", "split_seed", "mixup_alpha")
+# Files a run writes; --overwrite removes exactly these.
+RUN_FILES = ("config.json", "metrics.jsonl", "state.pt", "summary.json", "checkpoint.safetensors",
+             "loss.png", "lr.png", "accuracy.png", "confusion.png")
+MOMENTUM = 0.9
+EVALS_PER_RUN = 5  # when eval_every is not given
+PLOT_EVERY_S = 60.0  # redraw the plots at an evaluation at most this often (and always at the end)
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run; saved as RUN/config.json."""
+
+    data: str  # image folder, train/+val/ folder, CSV/JSONL manifest or .npz (see bigtransfer.data.datasets)
+    out: str  # run directory
+    model: str = "BiT-M-R50x1"  # any name from list_models() or R<depth>x<width>
+    weights: str | None = None  # checkpoint file to start from instead of the name's own weights
+    examples_per_class: int | None = None  # K-shot: a balanced subset chosen by seed
+    seed: int = 0
+    steps: int | None = None  # None: the HyperRule's length
+    batch: int = 512
+    batch_split: int = 1  # micro-batches per step (gradient accumulation)
+    resolution: tuple[int, int] | None = None  # (precrop, crop); None: the HyperRule's
+    flip: bool = True  # random horizontal flips (off for data where mirroring changes the class, e.g. digits)
+    crop: bool = True  # random crops; False squashes straight to the crop size (VTAB's no-crop tasks)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
+    channels_last: bool = True  # train in the channels-last layout on CPU and CUDA (faster; same results to 1e-5)
+    grad_checkpointing: bool = False  # recompute each unit's activations in backward: less memory, ~20% slower
+    device: str = "auto"
+    eval_every: int | None = None  # None: about EVALS_PER_RUN evaluations; always one at the end
+    save_every: int | None = None  # None: with every evaluation; always at the end
+    workers: int | None = None  # DataLoader workers; None: bigtransfer.data.datasets.default_workers()
+    eval_batch: int | None = None  # None: the micro-batch size
+    strict: bool = False  # refuse to train when any image is unreadable
+    quiet: bool = False  # plain log lines instead of a progress bar
+    silent: bool = False  # print nothing (for protocols that run many fine-tunes)
+    overwrite: bool = False  # start afresh even if RUN holds another run
+    variant: str = "release"  # HyperRule variant: release or paper
+    base_lr: float | None = None  # lr at batch 512, scaled by batch / 512; None: the model's recommended value or 0.003
+    val_fraction: float = 0.2  # held out per class when the data has no val/ or test/ split
+    split_seed: int | None = None  # draws that held-out split; None: seed (the few-shot protocol fixes it)
+    mixup_alpha: float | None = None  # None: the HyperRule's (0 under 20k examples, else 0.1); VTAB's --tuned draws it
+
+    def normalized(self) -> FinetuneConfig:
+        """A copy with absolute paths and a tuple resolution, after checking every value."""
+        c = dataclasses.replace(self)
+        _apply_model_defaults(c)
+        _check_config(c)
+        c.data = str(Path(c.data).expanduser().resolve())
+        c.out = str(Path(c.out).expanduser().resolve())
+        if c.weights is not None:
+            c.weights = str(Path(c.weights).expanduser().resolve())
+        if c.resolution is not None:
+            c.resolution = (int(c.resolution[0]), int(c.resolution[1]))
+        return c
+
+
+class RunDirError(UserError):
+    """The run directory holds something that this run must not resume or overwrite."""
+
+
+def recommended_settings(model: str) -> dict[str, Any]:
+    """The fine-tuning settings a model name recommends: "base_lr" always, "resolution" where it has its own.
+
+    Released BiT models recommend nothing of their own, so they keep the HyperRule exactly (base lr 0.003 and its
+    resolution rule); a bundled model such as BiT-Mini carries its own (small images) in its file's metadata.
+    """
+    return {"base_lr": BASE_LR, **resolve(model).finetune_defaults}
+
+
+def _apply_model_defaults(c: FinetuneConfig) -> None:
+    """Fill the settings left unset (None) from the model's recommended ones."""
+    recommended = recommended_settings(c.model)
+    if c.base_lr is None:
+        c.base_lr = float(recommended["base_lr"])
+    if c.resolution is None and recommended.get("resolution"):
+        c.resolution = tuple(recommended["resolution"])
+
+
+def _check_config(c: FinetuneConfig) -> None:
+
+    for name in ("examples_per_class", "steps", "eval_every", "save_every", "eval_batch"):
+        check_positive(name.replace("_", "-"), getattr(c, name), allow_none=True)
+    check_positive("batch", c.batch)
+    check_positive("batch-split", c.batch_split)
+    if c.batch % c.batch_split:
+        raise UserError(f"batch {c.batch} is not divisible by batch-split {c.batch_split}")
+    if c.workers is not None and (isinstance(c.workers, bool) or not isinstance(c.workers, int) or c.workers < 0):
+        raise UserError(f"workers must be 0 or more, got {c.workers!r}")
+    if c.precision not in PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
+    if c.variant not in VARIANTS:
+        raise UserError(f"variant must be one of {', '.join(VARIANTS)}, got {c.variant!r}")
+    if c.resolution is not None:
+        if len(c.resolution) != 2:
+            raise UserError(f"resolution must be two numbers PRECROP CROP, got {c.resolution!r}")
+        precrop, crop = c.resolution
+        if not (1 <= crop <= precrop):
+            raise UserError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
+    if not (isinstance(c.val_fraction, int | float) and 0.0 < c.val_fraction < 1.0):
+        raise UserError(f"val-fraction must be between 0 and 1, got {c.val_fraction!r}")
+    if c.mixup_alpha is not None and not (isinstance(c.mixup_alpha, int | float) and math.isfinite(c.mixup_alpha)
+                                          and c.mixup_alpha >= 0):
+        raise UserError(f"mixup alpha must be 0 or more, got {c.mixup_alpha!r}")
+    if not (isinstance(c.base_lr, int | float) and math.isfinite(c.base_lr) and c.base_lr > 0):
+        raise UserError(f"base lr must be a positive number, got {c.base_lr!r}")
+    if not Path(c.data).expanduser().exists():
+        raise FileNotFoundError(f"{c.data}: no such data folder or file")
+    if c.weights is not None and not Path(c.weights).expanduser().is_file():
+        raise FileNotFoundError(f"{c.weights}: no such weights file")
+    check_out_folder(c.out, "a run directory")
+    resolve(c.model)  # raises a ValueError listing the known names
+
+
+# ---------------------------------------------------------------- MixUp and one training step
+
+def mixup_lambda(alpha: float, seed: int, step: int) -> float:
+    """The step's MixUp weight: ~ Beta(alpha, alpha) from a generator seeded by (seed, step); 1.0 when alpha is 0."""
+    if alpha <= 0:
+        return 1.0
+
+    return float(np.random.default_rng(mix_seed("mixup", seed, step)).beta(alpha, alpha))
+
+
+def mixup_permutation(n: int, seed: int, step: int, micro: int) -> torch.Tensor:
+    """The partner of each example of micro-batch `micro` of `step`: a permutation seeded by (seed, step, micro)."""
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed("mixup-perm", seed, step, micro)))
+
+
+def mixup_loss(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch.Tensor, lam: float,
+               reduction: str = "mean") -> torch.Tensor:
+    """lam * CE(logits, labels) + (1 - lam) * CE(logits, partner_labels)."""
+    loss = F.cross_entropy(logits, labels, reduction=reduction)
+    if lam < 1.0:
+        loss = lam * loss + (1.0 - lam) * F.cross_entropy(logits, partner_labels, reduction=reduction)
+    return loss
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[tuple[torch.Tensor,
+               torch.Tensor]], *, batch: int, lr: float, lam: float = 1.0, seed: int = 0, step: int = 0,
+               device: torch.device | None = None, precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer update over the micro-batches of a global batch of `batch` examples; returns the mean loss."""
+
+    device = device or torch.device("cpu")
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    seen = 0
+    for q, (x, y) in enumerate(micro_batches):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        partner = y
+        if lam < 1.0:
+            perm = mixup_permutation(x.shape[0], seed, step, q).to(device)
+            x = lam * x + (1.0 - lam) * x[perm]
+            partner = y[perm]
+        with autocast(device, precision):
+            logits = model(x)
+        # Summed over the micro-batch and divided by the global batch: the accumulated gradient is the batch mean.
+        loss = mixup_loss(logits.float(), y, partner, lam, reduction="sum") / batch
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += float(loss.detach())
+        seen += x.shape[0]
+    if seen != batch:
+        raise RuntimeError(f"step {step}: the micro-batches held {seen} examples, expected {batch}")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
+             device: torch.device | None = None, precision: str = "fp32") -> dict[str, Any]:
+    """Loss, top-1, top-5, per-class accuracy and confusion matrix of a model over a loader."""
+
+    device = device or torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    # fp32: the inference fast path (kernels standardized once for the whole pass, channels-last, the
+    # forward-only GEMM rule); reduced precisions keep the training run's own autocast recipe.
+    run = prepare_for_inference(model) if precision == "fp32" and isinstance(model, ResNetV2) else model
+    ev = Evaluation(num_classes)
+    start = time.perf_counter()
+    for x, y in loader:
+        with autocast(device, precision):
+            logits = run(x.to(device, non_blocking=True))
+        ev.update(logits, y)
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    result = ev.result()
+    result["seconds"] = seconds
+    return result
+
+
+# ---------------------------------------------------------------- the run directory
+
+def _settings(c: FinetuneConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(c)
+    if d["resolution"] is not None:
+        d["resolution"] = list(d["resolution"])
+    return d
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _prepare_run_dir(c: FinetuneConfig) -> bool:
+    """Check RUN against this config; True when there is a state to resume from."""
+    out = Path(c.out)
+    config_file = out / "config.json"
+    if c.overwrite:
+        for name in reversed(RUN_FILES):  # config.json last: a folder half cleared still reads as a run folder
+            (out / name).unlink(missing_ok=True)
+        return False
+    if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
+        return False
+    if not config_file.is_file():
+        raise RunDirError(f"{out}: exists and is not a bigtransfer run directory (no config.json); "
+                          "choose another --out or pass --overwrite")
+    try:
+        old = json.loads(config_file.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"{config_file}: unreadable ({e}); pass --overwrite to start afresh") from None
+    new = json.loads(to_json(_settings(c)))  # the form config.json stores (file names as `shown` writes them)
+    differ = [f"{_flag(k)} was {old.get(k)!r}, now {new[k]!r}" for k in SETTINGS_THAT_MATTER if old.get(k) != new[k]]
+    finished = (out / "summary.json").is_file() or (out / "state.pt").is_file()
+    if differ and finished:
+        raise RunDirError(f"{out} holds a run with other settings ({'; '.join(differ)}); "
+                          "pass --overwrite to start afresh, or choose another --out")
+    return not differ and (out / "state.pt").is_file()
+
+
+def _fingerprint(splits: Any) -> str:
+    """A digest of the examples and classes, to refuse resuming on data that changed."""
+    h = hashlib.sha256()
+    h.update(json.dumps(splits.classes).encode())
+    for part in (splits.train, splits.eval):
+        for it in part:
+            h.update(name_bytes(it.source) + f"\0{it.label}\n".encode())  # the OS's bytes: any file name hashes
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the run
+
+class _Printer:
+    """Messages and progress: a tqdm bar, plain lines (quiet), or nothing (silent)."""
+
+    def __init__(self, c: FinetuneConfig) -> None:
+        self.quiet, self.silent = c.quiet, c.silent
+        self.bar: Any = None
+
+    def say(self, msg: str) -> None:
+        if self.silent:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def start_bar(self, total: int, initial: int) -> None:
+        if self.silent or self.quiet:
+            return
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", desc="fine-tuning", dynamic_ncols=True)
+
+    def step(self, done: int, total: int, loss: float, lr: float, ips: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{ips:.1f}"}, refresh=False)
+            self.bar.update(1)
+        elif self.quiet and not self.silent and (done % max(1, total // 20) == 0 or done == total):
+            print(f"step {done}/{total}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _build_model(c: FinetuneConfig, classes: list[str], say: Callable[[str], None]) -> Any:
+    """The model with the starting weights and a new zero-initialised head for `classes`."""
+
+    info = resolve(c.model)
+    if c.weights is not None:
+        model = create_model(c.model, pretrained=c.weights, progress=not (c.quiet or c.silent))
+        origin = f"weights from {c.weights}"
+    elif info.has_weights:
+        model = create_model(c.model, pretrained=True, progress=not (c.quiet or c.silent))
+        origin = f"the pre-trained weights of {c.model}"
+    else:
+
+        # Seeded, and without touching the caller's global generator, so that the same command gives the same run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed("init", c.seed))
+            model = create_model(c.model, pretrained=False)
+        origin = "scratch (random initialisation: no pre-trained weights were given)"
+    model.reset_head(len(classes), zero_init=True)
+    model.labels = list(classes)
+    say(f"model {c.model} ({model.arch.name}) starts from {origin}; new zero-initialised head for {len(classes)} classes")
+    return model, origin
+
+
+def _write_config(path: Path, settings: dict[str, Any], plan: Any, splits: Any, fingerprint: str,
+                  resolved: dict[str, Any]) -> None:
+    """config.json: the settings (what resuming compares), the resolved plan, and the data the run sees."""
+
+    write_text(path, to_json({
+        "settings": settings,
+        "plan": {**dataclasses.asdict(plan), "peak_lr": plan.peak_lr, "images_seen": plan.images_seen},
+        "resolved": resolved,
+        "data": {"classes": splits.classes, "train_examples": len(splits.train), "eval_examples": len(splits.eval),
+                 "eval_split": splits.eval_name, **splits.class_counts(),
+                 "skipped": [dataclasses.asdict(s) for s in splits.skipped],
+                 "ignored": splits.ignored, "fingerprint": fingerprint},
+        "versions": {"torch": torch.__version__, "bigtransfer": __version__},
+    }, indent=2) + "\n")
+
+
+def _write_plots(out: Path, records: list[dict[str, Any]], classes: list[str], confusion: Any | None) -> None:
+
+    train = [r for r in records if "loss" in r and "eval" not in r]
+    evals = [r for r in records if "eval" in r]
+    loss = {"training loss": [(r["step"], r["loss"]) for r in train]}
+    if evals:
+        loss["evaluation loss"] = [(r["step"], r["eval"]["loss"]) for r in evals if r["eval"]["loss"] is not None]
+    line_plot(out / "loss.png", loss, "Loss", "step", "cross-entropy", log_y=True)
+    line_plot(out / "lr.png", {"lr": [(r["step"], r["lr"]) for r in train]}, "Learning rate (BiT-HyperRule)",
+              "step", "learning rate")
+    acc = {"top-1": [(r["step"], r["eval"]["top1"]) for r in evals if r["eval"]["top1"] is not None],
+           "top-5": [(r["step"], r["eval"]["top5"]) for r in evals if r["eval"]["top5"] is not None]}
+    line_plot(out / "accuracy.png", acc, "Evaluation accuracy", "step", "accuracy (fraction)", ylim=(0.0, 1.0))
+    if confusion is not None:
+        confusion_plot(out / "confusion.png", confusion, classes)
+
+
+def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune as `config` says (resuming RUN/state.pt when present); return the summary also saved as summary.json.
+
+    `on_step(done, record)` is called after every update (done = updates completed so far), after any
+    checkpoint of that step was written; an exception it raises stops the run as a kill would. RUN is locked for
+    the whole run (`bigtransfer.core.runfolder`); a SIGTERM stops it at the next step boundary with the state saved,
+    raising `runfolder.StopRequested`.
+    """
+    t_start = time.perf_counter()
+    c = config.normalized()
+    with own_folder(c.out, "run folder"), StopOnSignal(Path(c.out) / "state.pt") as stop:
+        return _run(c, on_step, t_start, stop)
+
+
+def _run(c: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
+         stop: StopOnSignal) -> dict[str, Any]:
+    out = Path(c.out)
+    printer = _Printer(c)
+    say = printer.say
+    resume = _prepare_run_dir(c)
+
+    splits = load_splits(c.data, val_fraction=c.val_fraction, seed=c.seed, examples_per_class=c.examples_per_class,
+                         strict=c.strict, workers=c.workers or 0, progress=not (c.quiet or c.silent),
+                         split_seed=c.split_seed)
+    say(splits.summary())
+    if not splits.eval:
+        raise DataSourceError(f"{c.data}: no images left to evaluate on (every class has a single image?)")
+    plan = make_plan(len(splits.train), image_size_of(splits), batch=c.batch, steps=c.steps, variant=c.variant,
+                     base_lr=c.base_lr, arch=c.model, resolution_override=c.resolution)
+    say(plan.describe())
+    if c.mixup_alpha is not None:
+        plan = dataclasses.replace(plan, mixup_alpha=float(c.mixup_alpha))
+        say(f"  mixup alpha set to {c.mixup_alpha:g} for this run (instead of the HyperRule's)")
+    if not (c.flip and c.crop):
+        off = " and ".join(name for name, on in (("random crops", c.crop), ("horizontal flips", c.flip)) if not on)
+        say(f"  augmentation: {off} turned off for this run" + ("" if c.crop else
+            f"; training images are squashed straight to {plan.crop}x{plan.crop}"))
+    device = pick_device(c.device)
+    micro = c.batch // c.batch_split
+    check_training(resolve(c.model).arch, len(splits.classes), plan.crop, micro, what=f"fine-tuning {c.model}",
+                   checkpointing=c.grad_checkpointing, precision=c.precision, device=device)
+    model, origin = _build_model(c, splits.classes, say)
+    model.to(device, memory_format=training_layout(device, c.channels_last)).train()
+    model.set_grad_checkpointing(c.grad_checkpointing)
+    optimizer = sgd(model.parameters(), device, lr=0.0, momentum=MOMENTUM, weight_decay=0.0)
+    scaler = grad_scaler(device, c.precision)
+    fingerprint = _fingerprint(splits)
+    eval_every = c.eval_every or max(1, plan.end // EVALS_PER_RUN)
+    save_every = c.save_every or eval_every
+
+    start, extra = 0, {}
+    if resume:
+        start, extra = load_run_state(out / "state.pt", model=model, optimizer=optimizer, scaler=scaler)
+        if extra.get("fingerprint") != fingerprint:
+            raise RunDirError(f"{out}: the data changed since this run started (other files or classes in {c.data}); "
+                              "pass --overwrite to start afresh")
+        if start >= plan.end and (out / "summary.json").is_file():
+            say(f"{out}: this run already finished ({start} steps); delete it or pass --overwrite to run it again")
+            return json.loads((out / "summary.json").read_text())
+        say(f"resuming {out} from step {start} of {plan.end}")
+
+    settings = _settings(c)
+    # Created only now, once data, plan and model are good: a run refused before this leaves no empty folder.
+    out.mkdir(parents=True, exist_ok=True)
+    _write_config(out / "config.json", settings, plan, splits, fingerprint,
+                  {"eval_every": eval_every, "save_every": save_every, "micro_batch": micro, "device": str(device),
+                   "start": origin})
+
+    train_ds = ImageDataset(splits.train, train_transform(plan.precrop, plan.crop, flip=c.flip, crop_ok=c.crop))
+    eval_ds = ImageDataset(splits.eval, eval_transform(plan.crop))
+    train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers, start_step=start,
+                               steps=plan.end, batch_split=c.batch_split)
+    eval_loader = make_loader(eval_ds, c.eval_batch or micro, shuffle=False, workers=c.workers)
+    counters = {k: float(extra.get(k, 0.0)) for k in ("wall_time_s", "compute_s", "wait_s", "eval_s", "eval_images",
+                                                      "train_images")}
+    records = read_jsonl(out / "metrics.jsonl") if resume else []
+    records = [r for r in records if int(r.get("step", 0)) <= start]
+    last_eval: dict[str, Any] | None = next((r["eval"] for r in reversed(records) if "eval" in r), None)
+    wall_before = counters["wall_time_s"]
+    plotted = [time.perf_counter()]  # when the plots were last drawn
+
+    def state_extra() -> dict[str, Any]:
+        counters["wall_time_s"] = wall_before + time.perf_counter() - t_start
+        return {"fingerprint": fingerprint, "settings": settings, **counters}
+
+    def run_eval(done: int, log: bool = True) -> dict[str, Any]:
+        result = evaluate(model, eval_loader, len(splits.classes), device=device, precision=c.precision)
+        counters["eval_s"] += result["seconds"]
+        counters["eval_images"] += result["examples"]
+        # The confusions grow with the classes: only the final ones are kept (summary.json, confusion.png).
+        record = {"step": done, "eval": {k: v for k, v in result.items() if k not in ("confusion", "top_confusions")}}
+        if log:
+            logger.log(record)
+            records.append(json.loads(to_json(record)))
+        say(f"eval at step {done}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f} "
+            f"({result['examples']} {splits.eval_name} images)")
+        if done == plan.end or time.perf_counter() - plotted[0] > PLOT_EVERY_S:
+            _write_plots(out, records, splits.classes, result["confusion"])
+            plotted[0] = time.perf_counter()
+        return result
+
+    logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if resume else None)
+    printer.start_bar(plan.end, start)
+    try:
+        stop.arm()
+        batches = iter(train_loader)
+        waited = [0.0]
+
+        def micro_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+            # One at a time, so only one micro-batch is in memory; the time blocked on the loader is input time.
+            for _ in range(c.batch_split):
+                t = time.perf_counter()
+                batch = next(batches)
+                waited[0] += time.perf_counter() - t
+                yield batch
+
+        for step in range(start, plan.end):
+            t0 = time.perf_counter()
+            waited[0] = 0.0
+            lr = plan.lr(step)
+            lam = mixup_lambda(plan.mixup_alpha, c.seed, step)
+            loss = train_step(model, optimizer, micro_batches(), batch=c.batch, lr=lr, lam=lam, seed=c.seed,
+                              step=step, device=device, precision=c.precision, scaler=scaler)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so the compute time below is the GPU's, not the launch queue's
+            t1 = time.perf_counter()
+            if not math.isfinite(loss) and scaler is None:
+                raise UserError(f"the training loss became {loss} at step {step}; try a lower --base-lr or fp32")
+            counters["wait_s"] += waited[0]
+            counters["compute_s"] += t1 - t0 - waited[0]
+            counters["train_images"] += c.batch
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": lr, "images_per_s": c.batch / max(t1 - t0, 1e-9)}
+            if lam < 1.0:
+                record["mixup_lambda"] = lam
+            logger.log(record)
+            records.append(record)
+            printer.step(done, plan.end, loss, lr, record["images_per_s"])
+            if done % eval_every == 0 or done == plan.end:
+                last_eval = run_eval(done)
+            stopping = stop.requested is not None and done < plan.end
+            if done % save_every == 0 or done == plan.end or stopping:
+                save_run_state(out / "state.pt", model=model, optimizer=optimizer, step=done, scaler=scaler,
+                               **state_extra())
+            if on_step is not None:
+                on_step(done, record)
+            if stopping:
+                raise stop.stopped(done, plan.end)
+        if last_eval is None or start >= plan.end:  # a finished run resumed without a summary: evaluate again
+            # Its final evaluation is in the log already unless the run was killed before writing it.
+            logged = any(r["step"] == plan.end for r in records if "eval" in r)
+            last_eval = run_eval(plan.end, log=not logged)
+            save_run_state(out / "state.pt", model=model, optimizer=optimizer, step=plan.end, scaler=scaler,
+                           **state_extra())
+    finally:
+        printer.close()
+        logger.close()
+
+    model.cpu()
+    model.data_config = data_config(plan.crop)  # evaluation squashes to the crop (HyperRule or --resolution)
+    save_checkpoint(model, out / "checkpoint.safetensors", source="finetune", finetuned_from=c.model,
+                    steps=plan.end, top1=last_eval["top1"])
+    counters["wall_time_s"] = wall_before + time.perf_counter() - t_start
+    summary = _summary(c, plan, splits, last_eval, counters, describe(device))
+    write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
+    unused = "".join(f"; {k} ({n} images) not used" for k, n in splits.unused.items())
+    say(f"top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f} on {summary['eval_examples']} {splits.eval_name} "
+        f"images{unused} after {plan.end} steps ({summary['wall_time_s']:.1f} s); run in {out}")
+    return summary
+
+
+def _rate(count: float, seconds: float) -> float | None:
+    return count / seconds if seconds > 0 else None
+
+
+def _summary(c: FinetuneConfig, plan: Any, splits: Any, ev: dict[str, Any], k: dict[str, float],
+             device: str) -> dict[str, Any]:
+    out = Path(c.out)
+    per_class = dict(zip(splits.classes, ev["per_class_accuracy"], strict=True))
+    return {
+        "top1": ev["top1"],
+        "top5": ev["top5"],
+        "loss": ev["loss"],
+        "steps": plan.end,
+        "examples": len(splits.train),
+        "eval_examples": ev["examples"],
+        "eval_split": splits.eval_name,
+        "unused_splits": splits.unused,  # e.g. {"val": n}: val beside test, left for choosing settings
+        "skipped_files": [dataclasses.asdict(s) for s in splits.skipped],
+        "ignored_files": splits.ignored,
+        "wall_time_s": k["wall_time_s"],
+        # Model throughput: images per second of forward + backward + update, not counting waits for data.
+        "train_images_per_s": _rate(k["train_images"], k["compute_s"]),
+        "eval_images_per_s": _rate(k["eval_images"], k["eval_s"]),
+        # Input pipeline: images per second of time the loop spent blocked waiting for batches. Higher than
+        # train_images_per_s means data loading was not the bottleneck.
+        "input_images_per_s": _rate(k["train_images"], k["wait_s"]),
+        "data_wait_fraction": k["wait_s"] / (k["wait_s"] + k["compute_s"]) if k["compute_s"] > 0 else None,
+        "images_seen": int(k["train_images"]),
+        "model": c.model,
+        "classes": splits.classes,
+        "per_class_accuracy": per_class,
+        "confusion": ev["confusion"],  # None above metrics.CONFUSION_MAX_CLASSES classes
+        "top_confusions": ev["top_confusions"],
+        "device": device,
+        "precision": c.precision,
+        "resolution": [plan.precrop, plan.crop],
+        "batch": c.batch,
+        "base_lr": plan.base_lr,
+        "checkpoint": str(out / "checkpoint.safetensors"),
+        "plots": [str(out / n) for n in ("loss.png", "lr.png", "accuracy.png", "confusion.png")],
+    }

@@ -1,0 +1,592 @@
+"""Upstream pre-training (BiT-S / BiT-M / BiT-L recipe) on one process or many (torchrun + torch.distributed).
+
+Recipe (spec section 4): SGD momentum 0.9, lr 0.03 x B / 256, weight decay 1e-4, linear warmup, x0.1 step decays
+at the preset's epochs, the loss the labels call for (below), Inception crop + flip, no MixUp.
+
+Length and schedule of a run of T updates at global batch B on n training images:
+- T = --steps, or ceil(epochs x n / B) (epochs: --epochs, else the preset's 90 / 90 / 40).
+- Decay boundaries: round(T x e / E) for the preset's decay epochs e of its E epochs (bit-s/bit-m: 30, 60, 80 of
+  90; bit-l: 10, 23, 30, 37 of 40), so a shorter run decays at the same fractions of its length.
+- Warmup: the paper's 5000 updates at batch 4096 are a share of the images seen (17.8% of a BiT-S run), and that
+  share is kept at any batch (the linear-scaling reading, spec section 4): 5000 x 4096 / B updates when the run
+  sees as many images as the preset's full run (E epochs of its dataset: 28,151 updates at batch 4096 for bit-s,
+  311,949 for bit-m, 2,929,688 for bit-l), proportionally fewer for runs that see fewer:
+  round(min(5000 x 4096 / B, 5000 x T / T_full)). --warmup-steps overrides it.
+- lr(s) is the project's one piecewise rule (`hyperrule`): peak x s / warmup while s < warmup (the first update
+  has lr 0), then peak / 10 ** (number of boundaries strictly below s).
+- Weight decay 1e-4 on every parameter, GroupNorm scales/offsets and the head bias included: the spec (and the
+  paper) give one decay for "the weights" with no exemption; `decay_norm_and_bias=False` exempts the 1-D ones.
+  It is PyTorch SGD's coupled L2 (wd x w added to the gradient before momentum), i.e. the gradient of a
+  wd/2 x ||w||^2 loss term.
+- Loss: "sigmoid" = one binary cross-entropy per class, summed over classes and averaged over examples;
+  "softmax" = cross-entropy against the labels spread evenly over an example's classes (plain CE when single-label).
+  "auto" (the default) follows the labels: softmax for single-label data, sigmoid for multi-label data, as the
+  authors' public configs do. The head starts at zero kernel and zero bias for softmax and bias -10 for sigmoid,
+  so the first sigmoid updates do not spend themselves pushing thousands of negative logits down (the label prior).
+- Held-out metric: precision@1 (the top-scoring class is one of the example's labels), which is top-1 accuracy
+  on single-label data.
+
+Scale-out: every process reads only its slice of each global batch (`pretrain_data.RankStepSampler`), DDP (or
+FSDP FULL_SHARD) averages gradients, and only rank 0 writes. The run state is saved unsharded and keyed by
+parameter name, so a run resumes on any number of processes and with any batch split: the data stream is a
+function of (seed, step) only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..core.atomic import write_text
+from ..core.errors import UserError, is_user_error
+from ..core.runfolder import StopOnSignal, own_folder
+from ..core.validate import check_out_folder
+from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
+from ..engine.device import autocast, sgd, training_layout
+from ..engine.metrics import JsonlLogger, read_jsonl, to_json
+from ..engine.plots import line_plot
+from ..engine.runstate import load_run_state, save_run_state
+from ..engine.schedule import idle_warning, piecewise_lr
+from ..model.checkpoints import load_state, save_checkpoint
+from ..model.factory import create_model
+from ..model.memory import check_training
+from ..model.preprocess import data_config
+from ..model.registry import resolve
+from ..model.resnetv2 import ResNetV2
+from . import distributed as dist_utils
+
+LOSSES = ("sigmoid", "softmax")
+LOSS_SETTINGS = ("auto", *LOSSES)  # auto: the one the labels call for (`resolve_loss`)
+SIGMOID_HEAD_BIAS = -10.0  # the initial head bias of sigmoid runs (the authors' configs); softmax runs start at 0
+PRECISIONS = ("fp32", "bf16")
+FULL_BATCH = 4096
+FULL_WARMUP = 5000
+STATE_FILE = "state.pt"
+FINAL_FILE = "checkpoint.safetensors"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One of the paper's upstream set-ups: length, decay epochs, batch, resolution, dataset size."""
+
+    name: str
+    epochs: int
+    decay_epochs: tuple[int, ...]
+    dataset_images: int
+    batch: int = FULL_BATCH
+    resolution: int = 224
+
+    @property
+    def full_steps(self) -> int:
+        """Updates in the full-scale run (epochs over the preset's dataset at batch 4096)."""
+        return math.ceil(self.epochs * self.dataset_images / self.batch)
+
+
+PRESETS: dict[str, Preset] = {
+    "bit-s": Preset("bit-s", 90, (30, 60, 80), 1_281_167),  # ILSVRC-2012 train
+    "bit-m": Preset("bit-m", 90, (30, 60, 80), 14_197_122),  # ImageNet-21k (fall 2011 release)
+    "bit-l": Preset("bit-l", 40, (10, 23, 30, 37), 300_000_000),  # JFT-300M
+}
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pre-training run; saved as RUN/config.json. None = the preset's value."""
+
+    data: str
+    out: str
+    model: str = "R50x1"
+    preset: str = "bit-m"
+    epochs: float | None = None
+    steps: int | None = None
+    batch: int | None = None
+    batch_split: int = 1
+    resolution: int | None = None
+    loss: str = "auto"  # auto, sigmoid or softmax; a run saves the resolved one, so resuming compares that
+    warmup_steps: int | None = None
+    lr: float | None = None  # None: 0.03 x batch / 256
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = True
+    momentum: float = 0.9
+    seed: int = 0
+    holdout: float = 0.05  # fraction of train held out when the source has no val/test split
+    eval_every: int | None = None  # None: 10 evaluations per run
+    save_every: int | None = None  # None: every min(1000, T / 10) updates
+    log_every: int = 10
+    fsdp: bool = False
+    grad_checkpointing: bool = False
+    channels_last: bool = True  # channels-last layout on CPU and CUDA, except under FSDP (which flattens weights)
+    precision: str = "fp32"
+    workers: int = 2  # DataLoader processes per training process
+    device: str = "auto"
+    check_images: bool = False  # decode every image before training (slow on large sets)
+    max_eval: int | None = None  # cap on held-out images per evaluation
+    stop_after: int | None = None  # end this job after this update with the state saved (time-limited job slots)
+
+    def preset_info(self) -> Preset:
+        """The Preset this config names."""
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[self.preset]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting that cannot work."""
+        self.preset_info()
+        if self.epochs is not None and self.steps is not None:
+            raise UserError("give --epochs or --steps, not both")
+        checks = [("batch", self.batch, 1), ("batch_split", self.batch_split, 1), ("resolution", self.resolution, 32),
+                  ("steps", self.steps, 1), ("warmup_steps", self.warmup_steps, 0), ("eval_every", self.eval_every, 1),
+                  ("save_every", self.save_every, 1), ("log_every", self.log_every, 1), ("workers", self.workers, 0),
+                  ("seed", self.seed, 0), ("max_eval", self.max_eval, 1),
+                  ("stop_after", self.stop_after, 1)]
+        for name, value, least in checks:
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise UserError(f"epochs must be positive, got {self.epochs}")
+        if self.loss not in LOSS_SETTINGS:
+            raise UserError(f"loss must be one of {', '.join(LOSS_SETTINGS)}, got {self.loss!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
+        check_out_folder(self.out, "a run directory")
+        if not 0.0 < self.holdout < 1.0:
+            raise UserError(f"holdout must be between 0 and 1, got {self.holdout}")
+
+        resolve(self.model)  # raises a ValueError listing the known names
+
+
+# Settings that may differ between a run and its resumption: how the work is spread, not what is computed.
+RESUMABLE_CHANGES = frozenset({"batch_split", "fsdp", "grad_checkpointing", "workers", "device", "eval_every",
+                               "save_every", "log_every", "check_images", "max_eval", "out",
+                               "stop_after"})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved schedule of a run."""
+
+    steps: int
+    batch: int
+    resolution: int
+    warmup: int
+    boundaries: tuple[int, ...]
+    peak_lr: float
+    examples: int
+    eval_every: int
+    save_every: int
+
+    def lr(self, step: int) -> float:
+        """Learning rate of update `step` (0-based)."""
+        return piecewise_lr(step, self.warmup, self.boundaries, self.steps, self.peak_lr) or 0.0
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the training set."""
+        return self.steps * self.batch / self.examples
+
+    def describe(self) -> str:
+        """One paragraph for the log."""
+        idle = idle_warning(self.warmup, self.steps)
+        return (f"{self.steps} updates x batch {self.batch} = {self.epochs:.2f} epochs of {self.examples} images at "
+                f"{self.resolution} px; lr {self.peak_lr:.4g}, warmup {self.warmup}, x0.1 after updates "
+                f"{', '.join(map(str, self.boundaries))}" + (f"\n{idle}" if idle else ""))
+
+
+def make_plan(config: PretrainConfig, examples: int) -> Plan:
+    """Resolve a config's length, schedule and lr for a training set of `examples` images (see the module doc)."""
+    preset = config.preset_info()
+    batch = config.batch or preset.batch
+    if config.steps is not None:
+        steps = config.steps
+    else:
+        steps = max(1, math.ceil((config.epochs or preset.epochs) * examples / batch))
+    boundaries = tuple(int(math.floor(steps * e / preset.epochs + 0.5)) for e in preset.decay_epochs)
+    if config.warmup_steps is not None:
+        warmup = config.warmup_steps
+    else:
+        # The same share of images as the full run's warmup: 5000 x 4096 images, fewer when the run sees fewer.
+        warmup = int(math.floor(min(FULL_WARMUP * preset.batch / batch, FULL_WARMUP * steps / preset.full_steps)
+                                + 0.5))
+    peak = config.lr if config.lr is not None else 0.03 * batch / 256
+    eval_every = config.eval_every or max(1, steps // 10)
+    save_every = config.save_every or max(1, min(1000, steps // 10))
+    return Plan(steps, batch, config.resolution or preset.resolution, warmup, boundaries, peak, examples,
+                eval_every, save_every)
+
+
+# ---------------------------------------------------------------- model pieces
+
+def resolve_loss(setting: str, multi_label: bool) -> str:
+    """The loss a run trains with: `setting` itself, or for "auto" sigmoid on multi-label data and softmax else."""
+    if setting == "auto":
+        return "sigmoid" if multi_label else "softmax"
+    return setting
+
+
+def init_head(model: ResNetV2, loss: str) -> None:
+    """Zero head kernel; bias 0 for softmax, SIGMOID_HEAD_BIAS for sigmoid (spec section 4)."""
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(SIGMOID_HEAD_BIAS if loss == "sigmoid" else 0.0)
+
+
+def example_losses(logits: torch.Tensor, targets: torch.Tensor, kind: str = "sigmoid") -> torch.Tensor:
+    """Per example: sigmoid cross-entropy summed over classes, or softmax cross-entropy against the labels spread evenly."""
+    logits = logits.float()
+    if kind == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1)
+    if kind == "softmax":
+        spread = targets / targets.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return -(spread * F.log_softmax(logits, dim=1)).sum(dim=1)
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+
+
+def pretrain_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "sigmoid") -> torch.Tensor:
+    """The training loss: `example_losses` averaged over the batch."""
+    return example_losses(logits, targets, kind).mean()
+
+
+def precision_at_1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per example: 1.0 when the highest-scoring class is one of its labels, else 0.0 (top-1 when single-label)."""
+    return targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1).clamp(0, 1)
+
+
+def checkpoint_activations(model: ResNetV2) -> None:
+    """Recompute each residual unit's activations during backward instead of keeping them (activation checkpointing)."""
+    for stage in model.stages:
+        for unit in stage:
+            # An instance attribute shadows the class's forward, so the state dict and the unit's class are
+            # unchanged (checkpoints and FSDP see the same module); only the unit inputs stay in memory.
+            unit.forward = functools.partial(checkpoint, unit.forward, use_reentrant=False)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
+    """SGD parameter groups: one with weight decay on everything, or conv kernels apart from 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_norm_and_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------- the run
+
+def _main_first(env: dist_utils.DistEnv, fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, its result (or its error) on every rank, so a bad input stops all processes at once."""
+    result: tuple[bool, Any] = (True, None)
+    error: BaseException | None = None
+    if env.is_main:
+        try:
+            result = (True, fn())
+        except Exception as e:
+            error = e
+            result = (False, (is_user_error(e), str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
+    ok, value = dist_utils.broadcast_object(result)
+    if ok:
+        return value
+    if error is not None:
+        raise error  # rank 0 keeps the original exception and its traceback
+    user, message = value
+    raise (UserError if user else RuntimeError)(f"rank 0 stopped: {message}")
+
+
+def _check_resumable(saved: dict[str, Any], config: PretrainConfig, path: Path) -> None:
+    changed = [f"{f.name} (saved {saved.get(f.name)!r}, now {getattr(config, f.name)!r})" for f in fields(config)
+               if f.name not in RESUMABLE_CHANGES and f.name in saved and saved[f.name] != getattr(config, f.name)]
+    if changed:
+        raise UserError(f"{path} belongs to a run with other settings: {'; '.join(changed)}. Resume with the same "
+                         "settings (only the number of processes, batch split, FSDP/checkpointing, workers and "
+                         "logging may change) or choose another --out")
+
+
+def _check_warmup(saved: dict[str, Any], config: PretrainConfig, plan: Plan, path: Path) -> None:
+    """Refuse to resume under another warm-up length than the run started with (the default rule changed once).
+
+    States written before the warm-up was recorded used min(5000, 5000 x T / T_full) when no --warmup-steps was given.
+    """
+    before = saved.get("warmup")
+    if before is None and config.warmup_steps is None:
+        before = min(FULL_WARMUP, int(math.floor(FULL_WARMUP * plan.steps / config.preset_info().full_steps + 0.5)))
+    if before is not None and before != plan.warmup:
+        raise UserError(f"{path} belongs to a run that warms up for {before} updates; now it would be {plan.warmup} "
+                         f"(the default warm-up now keeps the share of images at any batch). Resume with "
+                         f"--warmup-steps {before}, or choose another --out")
+
+
+def evaluate(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], env: dist_utils.DistEnv,
+             loss_kind: str, precision: str, resolution: int, num_classes: int) -> dict[str, Any]:
+    """Held-out loss and precision@1 over every process's share of the held-out set (a collective call)."""
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    was_training = net.training
+    net.eval()
+    it = iter(batches)
+    with torch.no_grad():
+        while True:
+            batch = next(it, None)
+            # Lockstep: ranks may hold different numbers of batches, but FSDP needs every rank in every
+            # forward, so a rank that has run out feeds a masked dummy image until all have.
+            if not dist_utils.any_process(batch is not None, env.device):
+                break
+            if batch is None:
+                x, y, mask = torch.zeros(1, 3, resolution, resolution), torch.zeros(1, num_classes), torch.zeros(1)
+            else:
+                (x, y), mask = batch, torch.ones(len(batch[0]))
+            with autocast(env.device, precision):
+                logits = net(x.to(env.device, non_blocking=True)).float().cpu()
+            totals += torch.stack([(example_losses(logits, y, loss_kind) * mask).sum(),
+                                   (precision_at_1(logits, y) * mask).sum(), mask.sum()]).double()
+    net.train(was_training)
+    loss_sum, correct, count = dist_utils.all_reduce_sum(totals.to(env.device)).cpu().tolist()
+    if count == 0:
+        return {}
+    return {"eval_loss": loss_sum / count, "eval_precision_at_1": correct / count, "eval_examples": int(count)}
+
+
+def _write_plots(out: Path, records: list[dict[str, Any]], metric_name: str) -> None:
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    line_plot(out / "loss.png", {"train": train, "held-out": [(r["step"], r["eval_loss"]) for r in evals]},
+              "Pre-training loss", "update", "loss")
+    line_plot(out / "eval.png", {metric_name: [(r["step"], r["eval_precision_at_1"]) for r in evals]},
+              f"Held-out {metric_name}", "update", metric_name)
+
+
+def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Pre-train `config.model` on `config.data` into `config.out`; returns the summary (same on every rank)."""
+    config.validate()
+    # Absolute paths, so a run resumed from another directory (or node) is recognised as the same run.
+    config = replace(config, data=str(Path(config.data).expanduser().resolve()),
+                     out=str(Path(config.out).expanduser().resolve()))
+    env = dist_utils.init_distributed(config.device)
+    try:
+        with contextlib.ExitStack() as owner:
+            def take_folder() -> None:
+                owner.enter_context(own_folder(config.out, "run folder"))
+
+            # Only rank 0 locks the folder: it alone writes there, and the other ranks may run on other nodes.
+            _main_first(env, take_folder)
+            stop = owner.enter_context(StopOnSignal(Path(config.out) / STATE_FILE, report=env.is_main))
+            return _run(config, env, progress, stop)
+    finally:
+        dist_utils.cleanup()
+
+
+def _logged_before(path: Path, steps: int) -> tuple[float | None, float | None, dict[str, Any] | None]:
+    """From a resumed run's log: its first and last logged training loss, and its final evaluation if logged."""
+    records = read_jsonl(path)
+    losses = [r["loss"] for r in records if "loss" in r]
+    final = next((r for r in records if "eval_loss" in r and r["step"] == steps), None)
+    return (losses[0] if losses else None, losses[-1] if losses else None,
+            {k: v for k, v in final.items() if k != "step"} if final else None)
+
+
+def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: StopOnSignal) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    out = Path(config.out)
+    log = dist_utils.log
+    data = _main_first(env, lambda: load_pretrain_data(config.data, config.holdout, config.seed, config.check_images))
+    chosen = resolve_loss(config.loss, data.multi_label)
+    log(f"loss: {chosen} cross-entropy" + (f" (auto: the data is {'multi' if data.multi_label else 'single'}-label)"
+                                           if config.loss == "auto" else ""))
+    config = replace(config, loss=chosen)  # saved and compared on resume as the loss actually trained with
+    plan = make_plan(config, data.train_count)
+    if plan.batch % (env.world_size * config.batch_split):
+        raise UserError(f"batch {plan.batch} does not split into {env.world_size} processes x {config.batch_split} "
+                         f"micro-batches; choose a batch divisible by {env.world_size * config.batch_split}")
+    micro = plan.batch // env.world_size // config.batch_split
+    check_training(resolve(config.model).arch, len(data.classes), plan.resolution, micro,
+                   what=f"pre-training {config.model}", checkpointing=config.grad_checkpointing,
+                   precision=config.precision, shards=env.world_size if config.fsdp else 1, device=env.device)
+    metric_name = "precision@1" if data.multi_label else "top-1"
+    log(f"data: {data.summary()}")
+    log(f"plan: {plan.describe()}; {env.world_size} process(es) on {env.device.type}"
+        f"{' (' + env.backend + ')' if env.backend else ''}, {plan.batch // env.world_size // config.batch_split} "
+        f"images per micro-batch, {config.batch_split} micro-batch(es) per update")
+
+    # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
+    # fork_rng leaves the caller's global generator as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = create_model(config.model, num_classes=len(data.classes), pretrained=False)
+    init_head(model, config.loss)
+    model.labels = list(data.classes)
+    arch, ws_eps = model.arch, model.ws_eps
+    if config.grad_checkpointing:
+        checkpoint_activations(model)
+    model.to(env.device, memory_format=training_layout(env.device, config.channels_last and not config.fsdp))
+    if config.fsdp:
+        units = [unit for stage in model.stages for unit in stage]
+        net = dist_utils.wrap_fsdp(model, units, env)
+    else:
+        net = dist_utils.wrap_ddp(model, env)
+    optimizer = sgd(param_groups(net, config.weight_decay, config.decay_norm_and_bias), env.device,
+                    fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
+
+    state_path = out / STATE_FILE
+    start, extra = 0, {}
+    if dist_utils.broadcast_object(state_path.is_file()):  # rank 0's view of the (shared) run folder decides
+        holders = dist_utils.StateHolder({}), dist_utils.StateHolder({})
+
+        def read_state() -> tuple[int, dict[str, Any]]:
+            # Nothing is drawn from the global generators after initialisation, so their state is not restored.
+            step, extra = load_run_state(state_path, model=holders[0], optimizer=holders[1])
+            if extra.get("kind") != "pretrain":
+                raise UserError(f"{state_path} was not written by 'bigtransfer pretrain'; choose another --out")
+            _check_resumable(extra.get("config", {}), config, state_path)
+            _check_warmup(extra, config, plan, state_path)
+            return step, {"world_size": extra.get("world_size"), "pending_loss": extra.get("pending_loss")}
+
+        start, extra = _main_first(env, read_state)  # only rank 0 reads the file; the weights are broadcast
+        dist_utils.load_full_state(net, optimizer, holders[0].state, holders[1].state)
+        log(f"resuming {state_path} at update {start} of {plan.steps} (saved by {extra['world_size']} process(es), "
+            f"now {env.world_size})")
+    if env.is_main:
+        write_text(out / "config.json", to_json({**asdict(config), "plan": asdict(plan)}, indent=2) + "\n")
+    logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if start else None) if env.is_main else None
+    first_loss, last_loss, logged_eval = None, None, None
+    if start:
+        first_loss, last_loss, logged_eval = dist_utils.broadcast_object(
+            _logged_before(out / "metrics.jsonl", plan.steps) if env.is_main else None)
+    local = torch.zeros(2, dtype=torch.float64)  # loss sum, examples since the last log line (over all ranks)
+    if start and env.is_main and extra.get("pending_loss"):
+        local += torch.tensor(extra["pending_loss"], dtype=torch.float64)
+
+    batches = train_batches(data, plan.resolution, plan.batch, config.seed, env.rank, env.world_size,
+                            config.batch_split, start, plan.steps, config.workers)
+
+    def save_state(step: int) -> dict[str, torch.Tensor]:
+        model_state, optim_state = dist_utils.gather_full_state(net, optimizer)  # collective: every rank calls it
+        # The loss summed since the last log line goes with the state, so a resumed run logs what an unbroken one would.
+        pending = dist_utils.all_reduce_sum(local.to(env.device)).cpu().tolist()
+        if env.is_main:
+            save_run_state(state_path, model=dist_utils.StateHolder(model_state),
+                           optimizer=dist_utils.StateHolder(optim_state), step=step, kind="pretrain",
+                           config=asdict(config), world_size=env.world_size, warmup=plan.warmup,
+                           pending_loss=pending)
+        dist_utils.barrier()
+        return model_state
+
+    def eval_now(step: int) -> dict[str, Any]:
+        held = eval_batches(data, plan.resolution, micro, env.rank, env.world_size, config.workers, config.max_eval)
+        result = evaluate(net, held, env, config.loss, config.precision, plan.resolution, len(data.classes))
+        if result and logger:
+            logger.log({"step": step, **result})
+        if result:
+            log(f"update {step}: held-out loss {result['eval_loss']:.4f}, {metric_name} "
+                f"{result['eval_precision_at_1']:.4f} on {result['eval_examples']} images")
+        return result
+
+    net.train()
+    train_time, timed_steps, last_eval = 0.0, 0, {}
+    stop.arm()
+    bar = tqdm(total=plan.steps, initial=start, desc="pre-training", unit="update",
+               disable=not (progress and env.is_main))
+    for step in range(start, plan.steps):
+        t0 = time.perf_counter()
+        lr = plan.lr(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        for q in range(config.batch_split):
+            x, y = next(batches)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            with _gradient_sync(net, config, last=q == config.batch_split - 1), autocast(env.device, config.precision):
+                loss = pretrain_loss(net(x), y, config.loss)
+            (loss / config.batch_split).backward()
+            local += torch.stack([loss.detach().double().cpu() * len(x), torch.tensor(float(len(x)))])
+        optimizer.step()
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        if step > start:  # the first update of a process pays one-off costs (workers, allocator); not timed
+            train_time += time.perf_counter() - t0
+            timed_steps += 1
+        done = step + 1
+        bar.update(1)
+        if done % config.log_every == 0 or done == plan.steps or done == 1:
+            loss_sum, count = dist_utils.all_reduce_sum(local.to(env.device)).cpu().tolist()
+            local.zero_()
+            mean = loss_sum / count
+            if not math.isfinite(mean):
+                raise UserError(f"the training loss became {mean} at update {done} (lr {lr:.4g}); lower --lr or "
+                                   "check the data")
+            first_loss = mean if first_loss is None else first_loss
+            last_loss = mean
+            ips = timed_steps * plan.batch / train_time if train_time else None
+            if logger:
+                logger.log({"step": done, "epoch": done * plan.batch / plan.examples, "lr": lr, "loss": mean,
+                            "images_per_s": ips, "images_per_s_per_process": ips / env.world_size if ips else None})
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}")
+        if done % plan.eval_every == 0 or done == plan.steps:
+            last_eval = eval_now(done)
+        if config.stop_after is not None and config.stop_after <= done < plan.steps:
+            save_state(done)
+            bar.close()
+            log(f"stopped after update {done} of {plan.steps} (--stop-after); the same command continues the run")
+            if logger:
+                logger.close()
+            return {"steps": plan.steps, "stopped_at": done, "resumed_from": start, "world_size": env.world_size,
+                    "final_loss": last_loss, "first_loss": first_loss}
+        # Every rank stops at the same update, whichever of them got the signal (a collective call).
+        signalled = done < plan.steps and dist_utils.any_process(stop.requested is not None, env.device)
+        if (done % plan.save_every == 0 or signalled) and done != plan.steps:
+            save_state(done)
+        if signalled:
+            bar.close()
+            if logger:
+                logger.close()
+            raise stop.stopped(done, plan.steps)
+    bar.close()
+    if start >= plan.steps:  # a finished run again: its final evaluation is in the log unless killed before it
+        last_eval = logged_eval if logged_eval is not None else eval_now(plan.steps)
+    model_state = save_state(plan.steps)
+    summary: dict[str, Any] = {}
+    if env.is_main:
+        final = ResNetV2(arch, len(data.classes), ws_eps=ws_eps)
+        load_state(final, model_state, "the trained model")
+        final.labels = list(data.classes)
+        final.data_config = data_config(plan.resolution)  # the held-out evaluation squashes to the run's resolution
+        save_checkpoint(final, out / FINAL_FILE, pretrain=config.preset, steps=plan.steps, data=str(config.data))
+        ips = timed_steps * plan.batch / train_time if train_time else None
+        summary = {"steps": plan.steps, "resumed_from": start, "world_size": env.world_size, "backend": env.backend,
+                   "device": env.device.type, "classes": len(data.classes), "multi_label": data.multi_label,
+                   "train_examples": data.train_count, "metric": metric_name, "loss": config.loss,
+                   "first_loss": first_loss, "final_loss": last_loss, **last_eval,
+                   "images_per_s": ips, "images_per_s_per_process": ips / env.world_size if ips else None,
+                   "timed_updates": timed_steps, "checkpoint": str(out / FINAL_FILE), "plan": asdict(plan)}
+        write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
+        logger.close()
+        _write_plots(out, read_jsonl(out / "metrics.jsonl"), metric_name)
+        log(f"wrote {out / FINAL_FILE}; summary in {out / 'summary.json'}")
+    dist_utils.barrier()
+    return dist_utils.broadcast_object(summary)
+
+
+def _gradient_sync(net: nn.Module, config: PretrainConfig, last: bool) -> contextlib.AbstractContextManager:
+    """All-reduce gradients only on an update's last micro-batch (the others accumulate locally)."""
+    if last or config.batch_split == 1:
+        if config.fsdp and hasattr(net, "set_requires_gradient_sync"):
+            net.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if config.fsdp and hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
