@@ -347,9 +347,14 @@ def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
     assert code == 2 and "missing" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_pretrains_from_tar_shards(tmp_path, one_thread):
+def test_pretrains_from_tar_shards_with_grad_checkpointing(tmp_path, one_thread, monkeypatch):
     from bigtransfer.data.shards import ShardWriter
+    from bigtransfer.model.resnetv2 import ResNetV2
     from bigtransfer.upstream.pretrain import run_pretrain
+
+    switched = []  # pre-training turns checkpointing on through the model, as fine-tuning does
+    real = ResNetV2.set_grad_checkpointing
+    monkeypatch.setattr(ResNetV2, "set_grad_checkpointing", lambda self, on=True: switched.append(on) or real(self, on))
 
     manifest = write_shapes_dataset(tmp_path / "src", n=40)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -359,8 +364,9 @@ def test_pretrains_from_tar_shards(tmp_path, one_thread):
             for i, r in enumerate(part):
                 w.write(f"s{i}", (tmp_path / "src" / r["path"]).read_bytes(), [classes.index(c) for c in r["labels"]])
     config = PretrainConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "run"), model="R14x0.5", steps=5,
-                            batch=8, resolution=32, lr=0.02, log_every=1, workers=0)
+                            batch=8, resolution=32, lr=0.02, log_every=1, workers=0, grad_checkpointing=True)
     summary = run_pretrain(config, progress=False)
+    assert switched == [True]
     assert summary["train_examples"] == 32 and summary["multi_label"] and summary["eval_examples"] == 8
     assert first_sigmoid_loss(2, 6) <= summary["first_loss"] <= first_sigmoid_loss(3, 6)
     assert (tmp_path / "run" / "checkpoint.safetensors").is_file()

@@ -10,6 +10,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..engine.device import PRECISIONS
 from .predict import add_model_options
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def _register_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-split", type=int, default=1, metavar="Q", help="micro-batches per batch (default 1)")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("PRECROP", "CROP"),
                    help="squash-resize to PRECROP, train on CROP crops (default: the HyperRule's)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="default fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=int, metavar="N", help="data loading processes (default: CPUs, at most 8)")
     p.add_argument("--variant", choices=("release", "paper"), default="release", help="HyperRule variant")

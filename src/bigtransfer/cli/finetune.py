@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..engine.device import PRECISIONS
+
 HELP = "Fine-tune a BiT model on your images with the BiT-HyperRule; re-run the same command to resume."
 
 
@@ -31,7 +33,7 @@ def register(p: argparse.ArgumentParser) -> None:
                    help="no random horizontal flips (for images whose mirror image is another class)")
     p.add_argument("--no-crop", dest="crop", action="store_false",
                    help="no random crops: squash straight to CROP (for tasks about position or count)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="default fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each unit's activations in backward: about 1/4 of the activation memory, ~20%% slower")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",

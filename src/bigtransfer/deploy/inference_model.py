@@ -8,10 +8,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..core.errors import UserError
+from ..engine.device import PRECISIONS, check_precision
 from ..model.resnetv2 import PlainConv2d, ResNetV2, StdConv2d
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _layout(model: nn.Module) -> tuple:
@@ -104,8 +102,7 @@ class InferenceModel(nn.Module):
         super().__init__()
         if not isinstance(model, ResNetV2):
             raise TypeError(f"prepare_for_inference needs a bigtransfer ResNetV2, not {type(model).__name__}")
-        if precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        check_precision(precision)
         self.precision = precision
         self.dtype = PRECISIONS[precision]
         # Channels-last: oneDNN's convolutions and max-pool measured 1.3-2x faster than NCHW on this model

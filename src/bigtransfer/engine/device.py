@@ -9,8 +9,8 @@ import torch
 
 from ..core.errors import SetupError, UserError
 
-# Training precisions: the autocast dtype each one runs the forward pass in (None = plain float32).
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Every precision a run, an evaluation or the inference path can be asked for, and the dtype it computes in.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -36,11 +36,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def check_precision(precision: str, allowed: tuple[str, ...] = tuple(PRECISIONS)) -> None:
+    """Refuse a precision name outside `allowed` (by default every name of PRECISIONS)."""
+    if precision not in allowed:
+        raise UserError(f"precision must be one of {', '.join(allowed)}, got {precision!r}")
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The dtype autocast runs in for a precision name ('fp32' -> None: no autocast)."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
+    check_precision(precision)
+    return None if precision == "fp32" else PRECISIONS[precision]
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

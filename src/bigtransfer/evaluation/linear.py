@@ -19,7 +19,7 @@ from ..core.runfolder import own_folder
 from ..core.validate import check_out_folder
 from ..data.datasets import DataSourceError, Item, image_size_of, load_splits, stratified_split
 from ..deploy.inference import load_model
-from ..engine.device import pick_device
+from ..engine.device import check_precision, pick_device
 from ..engine.metrics import confusion_report, to_json
 from ..model.preprocess import resolution_of
 from ..transfer.hyperrule import resolution as hyperrule_resolution
@@ -236,8 +236,7 @@ class FrozenEvalConfig:
                 raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {v}")
         if self.k < 1 or self.batch < 1:
             raise UserError(f"k and batch must be positive, got k={self.k}, batch={self.batch}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print) -> dict:

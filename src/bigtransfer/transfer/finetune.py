@@ -45,7 +45,7 @@ from ..data.datasets import (
 )
 from ..data.sampling import mix_seed
 from ..deploy.inference_model import prepare_for_inference
-from ..engine.device import PRECISIONS, autocast, describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.device import autocast, check_precision, describe, grad_scaler, pick_device, sgd, training_layout
 from ..engine.metrics import Evaluation, JsonlLogger, read_jsonl, to_json
 from ..engine.plots import confusion_plot, line_plot
 from ..engine.runstate import load_run_state, save_run_state
@@ -148,8 +148,7 @@ def _check_config(c: FinetuneConfig) -> None:
         raise UserError(f"batch {c.batch} is not divisible by batch-split {c.batch_split}")
     if c.workers is not None and (isinstance(c.workers, bool) or not isinstance(c.workers, int) or c.workers < 0):
         raise UserError(f"workers must be 0 or more, got {c.workers!r}")
-    if c.precision not in PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {c.precision!r}")
+    check_precision(c.precision)
     if c.variant not in VARIANTS:
         raise UserError(f"variant must be one of {', '.join(VARIANTS)}, got {c.variant!r}")
     if c.resolution is not None:

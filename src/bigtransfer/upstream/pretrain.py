@@ -35,7 +35,6 @@ function of (seed, step) only.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -46,14 +45,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..core.atomic import write_text
 from ..core.errors import UserError, is_user_error
 from ..core.runfolder import StopOnSignal, own_folder
 from ..core.validate import check_out_folder
 from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
-from ..engine.device import autocast, sgd, training_layout
+from ..engine.device import PRECISIONS as ALL_PRECISIONS
+from ..engine.device import autocast, check_precision, sgd, training_layout
 from ..engine.metrics import JsonlLogger, read_jsonl, to_json
 from ..engine.plots import line_plot
 from ..engine.runstate import load_run_state, save_run_state
@@ -69,7 +68,7 @@ from . import distributed as dist_utils
 LOSSES = ("sigmoid", "softmax")
 LOSS_SETTINGS = ("auto", *LOSSES)  # auto: the one the labels call for (`resolve_loss`)
 SIGMOID_HEAD_BIAS = -10.0  # the initial head bias of sigmoid runs (the authors' configs); softmax runs start at 0
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "fp16")  # fp16 would need a gradient scaler; bf16 does not
 FULL_BATCH = 4096
 FULL_WARMUP = 5000
 STATE_FILE = "state.pt"
@@ -157,8 +156,7 @@ class PretrainConfig:
             raise UserError(f"epochs must be positive, got {self.epochs}")
         if self.loss not in LOSS_SETTINGS:
             raise UserError(f"loss must be one of {', '.join(LOSS_SETTINGS)}, got {self.loss!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision, PRECISIONS)
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise UserError(f"lr must be a positive number, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -266,15 +264,6 @@ def pretrain_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "sigm
 def precision_at_1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per example: 1.0 when the highest-scoring class is one of its labels, else 0.0 (top-1 when single-label)."""
     return targets.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1).clamp(0, 1)
-
-
-def checkpoint_activations(model: ResNetV2) -> None:
-    """Recompute each residual unit's activations during backward instead of keeping them (activation checkpointing)."""
-    for stage in model.stages:
-        for unit in stage:
-            # An instance attribute shadows the class's forward, so the state dict and the unit's class are
-            # unchanged (checkpoints and FSDP see the same module); only the unit inputs stay in memory.
-            unit.forward = functools.partial(checkpoint, unit.forward, use_reentrant=False)
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
@@ -430,8 +419,7 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: 
     init_head(model, config.loss)
     model.labels = list(data.classes)
     arch, ws_eps = model.arch, model.ws_eps
-    if config.grad_checkpointing:
-        checkpoint_activations(model)
+    model.set_grad_checkpointing(config.grad_checkpointing)  # the same mechanism as fine-tuning's
     model.to(env.device, memory_format=training_layout(env.device, config.channels_last and not config.fsdp))
     if config.fsdp:
         units = [unit for stage in model.stages for unit in stage]
