@@ -424,7 +424,6 @@ def read_multi_label_manifest(path: str | Path, holdout: float = 0.05, seed: int
 
 def find_shard_sets(source: str | Path) -> tuple[Path, Path | None] | None:
     """(training shard set, held-out shard set or None) when `source` is a shard set or holds train/ + val|test/ ones."""
-
     root = Path(source)
     if (root / INDEX_NAME).is_file():
         return root, None
@@ -435,7 +434,6 @@ def find_shard_sets(source: str | Path) -> tuple[Path, Path | None] | None:
 
 
 def _load_shards(train_root: Path, eval_root: Path | None) -> ShardData:
-
     index = read_index(train_root)
     if len(index.classes) < 2:
         raise DataSourceError(f"{train_root}: {len(index.classes)} class ({', '.join(index.classes)}); training "

@@ -47,7 +47,6 @@ def output_name(model: nn.Module) -> str:
 
 def onnx_metadata(model: ResNetV2) -> dict[str, str]:
     """What a deployer needs besides the graph: class names, input size and scaling (ONNX metadata_props)."""
-
     config = resolve_data_config(model)
     mean, std = config["mean"], config["std"]
     scaling = "pixels / 127.5 - 1 (RGB in [-1, 1])" if mean == [0.5] * 3 and std == [0.5] * 3 else \
@@ -163,7 +162,6 @@ def write_torchscript(module: nn.Module, path: str | os.PathLike, name: str | os
 
 def default_check_sizes(model: ResNetV2) -> Sizes:
     """The model's own resolution and a non-square size, so fixed H/W in the graph would be caught."""
-
     r = resolution_of(resolve_data_config(model))
     return ((r, r), CHECK_SIZES[1]) if (r, r) != CHECK_SIZES[1] else CHECK_SIZES
 

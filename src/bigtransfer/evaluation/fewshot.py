@@ -81,7 +81,6 @@ def run_fewshot(config: FewShotConfig, say: Say = print) -> dict[str, Any]:
 
 
 def _run_fewshot(c: FewShotConfig, say: Say, t0: float) -> dict[str, Any]:
-
     out = Path(c.out)
     # Before any training: the largest K must fit every class, and the data and model must be usable.
     probe = load_splits(c.data, seed=0, split_seed=c.split_seed, examples_per_class=max(c.shots),
@@ -145,7 +144,6 @@ def _table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _write_outputs(out: Path, c: FewShotConfig, results: dict[str, Any]) -> None:
-
     save_json(out / "results.json", results)
     weights = f", weights {c.train.weights}" if c.train.weights else ""
     md = [f"# Few-shot fine-tuning: {c.train.model}{weights}", "",

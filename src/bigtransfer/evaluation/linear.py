@@ -137,7 +137,6 @@ class Standardizer:
 
 def validation_split(y: np.ndarray, fraction: float = VAL_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (fit, validation) row indices, split per class by the same rule the data module uses."""
-
     fit, val = stratified_split([Item(str(i), int(c)) for i, c in enumerate(y)], fraction, seed)
     return (np.array(sorted(int(i.source) for i in fit), dtype=np.int64),
             np.array(sorted(int(i.source) for i in val), dtype=np.int64))
@@ -241,7 +240,6 @@ class FrozenEvalConfig:
 
 def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print) -> dict:
     """Extract (or reuse cached) pre-logits, fit the linear probe or k-NN, score on the eval split, write OUT."""
-
     c = dataclasses.replace(config)
     c.check()
     # Absolute paths in config.json, so the record still says what was evaluated when read from elsewhere.

@@ -143,7 +143,6 @@ def run_vtab(config: VtabConfig, say: Say = print) -> dict[str, Any]:
 
 
 def _run_vtab(c: VtabConfig, say: Say, t0: float) -> dict[str, Any]:
-
     out = Path(c.out)
     data = read_vtab(c.root, c.tasks)
     say(data.report())
@@ -266,7 +265,6 @@ def _group_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _write_outputs(out: Path, c: VtabConfig, results: dict[str, Any]) -> None:
-
     save_json(out / "results.json", results)
     weights = f", weights {c.train.weights}" if c.train.weights else ""
     if c.tuned:

@@ -107,7 +107,6 @@ def write_digits(root: str | os.PathLike, test_per_class: int = TEST_PER_CLASS) 
 
 def _fine_tune(config: Any) -> dict[str, Any]:
     """One demo fine-tune in a worker process, on one thread (several run side by side)."""
-
     torch.set_num_threads(1)
     return run_finetune(config)
 

@@ -139,7 +139,6 @@ def _apply_model_defaults(c: FinetuneConfig) -> None:
 
 
 def _check_config(c: FinetuneConfig) -> None:
-
     for name in ("examples_per_class", "steps", "eval_every", "save_every", "eval_batch"):
         check_positive(name.replace("_", "-"), getattr(c, name), allow_none=True)
     check_positive("batch", c.batch)
@@ -184,7 +183,6 @@ def mixup_lambda(alpha: float, seed: int, step: int) -> float:
 
 def mixup_permutation(n: int, seed: int, step: int, micro: int) -> torch.Tensor:
     """The partner of each example of micro-batch `micro` of `step`: a permutation seeded by (seed, step, micro)."""
-
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed("mixup-perm", seed, step, micro)))
 
 
@@ -347,7 +345,6 @@ class _Printer:
 
 def _build_model(c: FinetuneConfig, classes: list[str], say: Callable[[str], None]) -> Any:
     """The model with the starting weights and a new zero-initialised head for `classes`."""
-
     info = resolve(c.model)
     if c.weights is not None:
         model = create_model(c.model, pretrained=c.weights, progress=not (c.quiet or c.silent))
@@ -356,7 +353,6 @@ def _build_model(c: FinetuneConfig, classes: list[str], say: Callable[[str], Non
         model = create_model(c.model, pretrained=True, progress=not (c.quiet or c.silent))
         origin = f"the pre-trained weights of {c.model}"
     else:
-
         # Seeded, and without touching the caller's global generator, so that the same command gives the same run.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed("init", c.seed))
@@ -385,7 +381,6 @@ def _write_config(path: Path, settings: dict[str, Any], plan: Any, splits: Any, 
 
 
 def _write_plots(out: Path, records: list[dict[str, Any]], classes: list[str], confusion: Any | None) -> None:
-
     train = [r for r in records if "loss" in r and "eval" not in r]
     evals = [r for r in records if "eval" in r]
     loss = {"training loss": [(r["step"], r["loss"]) for r in train]}
@@ -417,11 +412,27 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
 
 def _run(c: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
          stop: StopOnSignal) -> dict[str, Any]:
-    out = Path(c.out)
     printer = _Printer(c)
-    say = printer.say
     resume = _prepare_run_dir(c)
+    splits, plan = _data_and_plan(c, printer.say)
+    run = _Training(c, splits, plan, printer.say, t_start)
+    if resume:
+        finished = run.resume()
+        if finished is not None:
+            return finished
+    run.open(resume)
+    printer.start_bar(plan.end, run.start)
+    try:
+        stop.arm()
+        run.train(printer, stop, on_step)
+    finally:
+        printer.close()
+        run.logger.close()
+    return run.finish()
 
+
+def _data_and_plan(c: FinetuneConfig, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """The examples and the HyperRule's plan for them (with this run's overrides), each said once."""
     splits = load_splits(c.data, val_fraction=c.val_fraction, seed=c.seed, examples_per_class=c.examples_per_class,
                          strict=c.strict, workers=c.workers or 0, progress=not (c.quiet or c.silent),
                          split_seed=c.split_seed)
@@ -438,138 +449,155 @@ def _run(c: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | Non
         off = " and ".join(name for name, on in (("random crops", c.crop), ("horizontal flips", c.flip)) if not on)
         say(f"  augmentation: {off} turned off for this run" + ("" if c.crop else
             f"; training images are squashed straight to {plan.crop}x{plan.crop}"))
-    device = pick_device(c.device)
-    micro = c.batch // c.batch_split
-    check_training(resolve(c.model).arch, len(splits.classes), plan.crop, micro, what=f"fine-tuning {c.model}",
-                   checkpointing=c.grad_checkpointing, precision=c.precision, device=device)
-    model, origin = _build_model(c, splits.classes, say)
-    model.to(device, memory_format=training_layout(device, c.channels_last)).train()
-    model.set_grad_checkpointing(c.grad_checkpointing)
-    optimizer = sgd(model.parameters(), device, lr=0.0, momentum=MOMENTUM, weight_decay=0.0)
-    scaler = grad_scaler(device, c.precision)
-    fingerprint = _fingerprint(splits)
-    eval_every = c.eval_every or max(1, plan.end // EVALS_PER_RUN)
-    save_every = c.save_every or eval_every
+    return splits, plan
 
-    start, extra = 0, {}
-    if resume:
-        start, extra = load_run_state(out / "state.pt", model=model, optimizer=optimizer, scaler=scaler)
-        if extra.get("fingerprint") != fingerprint:
-            raise RunDirError(f"{out}: the data changed since this run started (other files or classes in {c.data}); "
-                              "pass --overwrite to start afresh")
-        if start >= plan.end and (out / "summary.json").is_file():
-            say(f"{out}: this run already finished ({start} steps); delete it or pass --overwrite to run it again")
+
+class _Training:
+    """A fine-tuning run from its model to its summary: optimizer, loaders, counters and log, step by step."""
+
+    def __init__(self, c: FinetuneConfig, splits: Any, plan: Any, say: Callable[[str], None], t_start: float) -> None:
+        self.c, self.out, self.splits, self.plan, self.say, self.t_start = c, Path(c.out), splits, plan, say, t_start
+        self.device = pick_device(c.device)
+        self.micro = c.batch // c.batch_split
+        check_training(resolve(c.model).arch, len(splits.classes), plan.crop, self.micro,
+                       what=f"fine-tuning {c.model}", checkpointing=c.grad_checkpointing, precision=c.precision,
+                       device=self.device)
+        self.model, self.origin = _build_model(c, splits.classes, say)
+        self.model.to(self.device, memory_format=training_layout(self.device, c.channels_last)).train()
+        self.model.set_grad_checkpointing(c.grad_checkpointing)
+        self.optimizer = sgd(self.model.parameters(), self.device, lr=0.0, momentum=MOMENTUM, weight_decay=0.0)
+        self.scaler = grad_scaler(self.device, c.precision)
+        self.fingerprint = _fingerprint(splits)
+        self.eval_every = c.eval_every or max(1, plan.end // EVALS_PER_RUN)
+        self.save_every = c.save_every or self.eval_every
+        self.start, self.extra = 0, {}
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load RUN/state.pt; the saved summary when that run had already finished, else None."""
+        out, end = self.out, self.plan.end
+        self.start, self.extra = load_run_state(out / "state.pt", model=self.model, optimizer=self.optimizer,
+                                                scaler=self.scaler)
+        if self.extra.get("fingerprint") != self.fingerprint:
+            raise RunDirError(f"{out}: the data changed since this run started (other files or classes in "
+                              f"{self.c.data}); pass --overwrite to start afresh")
+        if self.start >= end and (out / "summary.json").is_file():
+            self.say(f"{out}: this run already finished ({self.start} steps); delete it or pass --overwrite to run "
+                     "it again")
             return json.loads((out / "summary.json").read_text())
-        say(f"resuming {out} from step {start} of {plan.end}")
+        self.say(f"resuming {out} from step {self.start} of {end}")
+        return None
 
-    settings = _settings(c)
-    # Created only now, once data, plan and model are good: a run refused before this leaves no empty folder.
-    out.mkdir(parents=True, exist_ok=True)
-    _write_config(out / "config.json", settings, plan, splits, fingerprint,
-                  {"eval_every": eval_every, "save_every": save_every, "micro_batch": micro, "device": str(device),
-                   "start": origin})
+    def open(self, resume: bool) -> None:
+        """config.json, the loaders from the start step, the counters and the log (kept up to the start step)."""
+        c, out, plan, splits = self.c, self.out, self.plan, self.splits
+        self.settings = _settings(c)
+        # Created only now, once data, plan and model are good: a run refused before this leaves no empty folder.
+        out.mkdir(parents=True, exist_ok=True)
+        _write_config(out / "config.json", self.settings, plan, splits, self.fingerprint,
+                      {"eval_every": self.eval_every, "save_every": self.save_every, "micro_batch": self.micro,
+                       "device": str(self.device), "start": self.origin})
+        train_ds = ImageDataset(splits.train, train_transform(plan.precrop, plan.crop, flip=c.flip, crop_ok=c.crop))
+        eval_ds = ImageDataset(splits.eval, eval_transform(plan.crop))
+        self.train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers,
+                                        start_step=self.start, steps=plan.end, batch_split=c.batch_split)
+        self.eval_loader = make_loader(eval_ds, c.eval_batch or self.micro, shuffle=False, workers=c.workers)
+        self.counters = {k: float(self.extra.get(k, 0.0)) for k in ("wall_time_s", "compute_s", "wait_s", "eval_s",
+                                                                   "eval_images", "train_images")}
+        records = read_jsonl(out / "metrics.jsonl") if resume else []
+        self.records = [r for r in records if int(r.get("step", 0)) <= self.start]
+        self.last_eval: dict[str, Any] | None = next((r["eval"] for r in reversed(self.records) if "eval" in r), None)
+        self.wall_before = self.counters["wall_time_s"]
+        self.plotted = time.perf_counter()  # when the plots were last drawn
+        self.logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=self.start if resume else None)
 
-    train_ds = ImageDataset(splits.train, train_transform(plan.precrop, plan.crop, flip=c.flip, crop_ok=c.crop))
-    eval_ds = ImageDataset(splits.eval, eval_transform(plan.crop))
-    train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers, start_step=start,
-                               steps=plan.end, batch_split=c.batch_split)
-    eval_loader = make_loader(eval_ds, c.eval_batch or micro, shuffle=False, workers=c.workers)
-    counters = {k: float(extra.get(k, 0.0)) for k in ("wall_time_s", "compute_s", "wait_s", "eval_s", "eval_images",
-                                                      "train_images")}
-    records = read_jsonl(out / "metrics.jsonl") if resume else []
-    records = [r for r in records if int(r.get("step", 0)) <= start]
-    last_eval: dict[str, Any] | None = next((r["eval"] for r in reversed(records) if "eval" in r), None)
-    wall_before = counters["wall_time_s"]
-    plotted = [time.perf_counter()]  # when the plots were last drawn
+    def save(self, step: int) -> None:
+        self.counters["wall_time_s"] = self.wall_before + time.perf_counter() - self.t_start
+        save_run_state(self.out / "state.pt", model=self.model, optimizer=self.optimizer, step=step,
+                       scaler=self.scaler, fingerprint=self.fingerprint, settings=self.settings, **self.counters)
 
-    def state_extra() -> dict[str, Any]:
-        counters["wall_time_s"] = wall_before + time.perf_counter() - t_start
-        return {"fingerprint": fingerprint, "settings": settings, **counters}
-
-    def run_eval(done: int, log: bool = True) -> dict[str, Any]:
-        result = evaluate(model, eval_loader, len(splits.classes), device=device, precision=c.precision)
-        counters["eval_s"] += result["seconds"]
-        counters["eval_images"] += result["examples"]
+    def run_eval(self, done: int, log: bool = True) -> dict[str, Any]:
+        c, splits = self.c, self.splits
+        result = evaluate(self.model, self.eval_loader, len(splits.classes), device=self.device,
+                          precision=c.precision)
+        self.counters["eval_s"] += result["seconds"]
+        self.counters["eval_images"] += result["examples"]
         # The confusions grow with the classes: only the final ones are kept (summary.json, confusion.png).
         record = {"step": done, "eval": {k: v for k, v in result.items() if k not in ("confusion", "top_confusions")}}
         if log:
-            logger.log(record)
-            records.append(json.loads(to_json(record)))
-        say(f"eval at step {done}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss {result['loss']:.4f} "
-            f"({result['examples']} {splits.eval_name} images)")
-        if done == plan.end or time.perf_counter() - plotted[0] > PLOT_EVERY_S:
-            _write_plots(out, records, splits.classes, result["confusion"])
-            plotted[0] = time.perf_counter()
+            self.logger.log(record)
+            self.records.append(json.loads(to_json(record)))
+        self.say(f"eval at step {done}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss "
+                 f"{result['loss']:.4f} ({result['examples']} {splits.eval_name} images)")
+        if done == self.plan.end or time.perf_counter() - self.plotted > PLOT_EVERY_S:
+            _write_plots(self.out, self.records, splits.classes, result["confusion"])
+            self.plotted = time.perf_counter()
         return result
 
-    logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if resume else None)
-    printer.start_bar(plan.end, start)
-    try:
-        stop.arm()
-        batches = iter(train_loader)
-        waited = [0.0]
+    def train(self, printer: _Printer, stop: StopOnSignal,
+              on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+        """The steps from the start step to the end: update, log, evaluate and save as the settings say."""
+        c, plan, counters = self.c, self.plan, self.counters
+        batches = iter(self.train_loader)
+        waited = 0.0
 
         def micro_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             # One at a time, so only one micro-batch is in memory; the time blocked on the loader is input time.
+            nonlocal waited
             for _ in range(c.batch_split):
                 t = time.perf_counter()
                 batch = next(batches)
-                waited[0] += time.perf_counter() - t
+                waited += time.perf_counter() - t
                 yield batch
 
-        for step in range(start, plan.end):
-            t0 = time.perf_counter()
-            waited[0] = 0.0
-            lr = plan.lr(step)
-            lam = mixup_lambda(plan.mixup_alpha, c.seed, step)
-            loss = train_step(model, optimizer, micro_batches(), batch=c.batch, lr=lr, lam=lam, seed=c.seed,
-                              step=step, device=device, precision=c.precision, scaler=scaler)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # so the compute time below is the GPU's, not the launch queue's
+        for step in range(self.start, plan.end):
+            t0, waited = time.perf_counter(), 0.0
+            lr, lam = plan.lr(step), mixup_lambda(plan.mixup_alpha, c.seed, step)
+            loss = train_step(self.model, self.optimizer, micro_batches(), batch=c.batch, lr=lr, lam=lam, seed=c.seed,
+                              step=step, device=self.device, precision=c.precision, scaler=self.scaler)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # so the compute time below is the GPU's, not the launch queue's
             t1 = time.perf_counter()
-            if not math.isfinite(loss) and scaler is None:
+            if not math.isfinite(loss) and self.scaler is None:
                 raise UserError(f"the training loss became {loss} at step {step}; try a lower --base-lr or fp32")
-            counters["wait_s"] += waited[0]
-            counters["compute_s"] += t1 - t0 - waited[0]
+            counters["wait_s"] += waited
+            counters["compute_s"] += t1 - t0 - waited
             counters["train_images"] += c.batch
             done = step + 1
             record = {"step": done, "loss": loss, "lr": lr, "images_per_s": c.batch / max(t1 - t0, 1e-9)}
             if lam < 1.0:
                 record["mixup_lambda"] = lam
-            logger.log(record)
-            records.append(record)
+            self.logger.log(record)
+            self.records.append(record)
             printer.step(done, plan.end, loss, lr, record["images_per_s"])
-            if done % eval_every == 0 or done == plan.end:
-                last_eval = run_eval(done)
+            if done % self.eval_every == 0 or done == plan.end:
+                self.last_eval = self.run_eval(done)
             stopping = stop.requested is not None and done < plan.end
-            if done % save_every == 0 or done == plan.end or stopping:
-                save_run_state(out / "state.pt", model=model, optimizer=optimizer, step=done, scaler=scaler,
-                               **state_extra())
+            if done % self.save_every == 0 or done == plan.end or stopping:
+                self.save(done)
             if on_step is not None:
                 on_step(done, record)
             if stopping:
                 raise stop.stopped(done, plan.end)
-        if last_eval is None or start >= plan.end:  # a finished run resumed without a summary: evaluate again
+        if self.last_eval is None or self.start >= plan.end:  # a finished run resumed without a summary
             # Its final evaluation is in the log already unless the run was killed before writing it.
-            logged = any(r["step"] == plan.end for r in records if "eval" in r)
-            last_eval = run_eval(plan.end, log=not logged)
-            save_run_state(out / "state.pt", model=model, optimizer=optimizer, step=plan.end, scaler=scaler,
-                           **state_extra())
-    finally:
-        printer.close()
-        logger.close()
+            logged = any(r["step"] == plan.end for r in self.records if "eval" in r)
+            self.last_eval = self.run_eval(plan.end, log=not logged)
+            self.save(plan.end)
 
-    model.cpu()
-    model.data_config = data_config(plan.crop)  # evaluation squashes to the crop (HyperRule or --resolution)
-    save_checkpoint(model, out / "checkpoint.safetensors", source="finetune", finetuned_from=c.model,
-                    steps=plan.end, top1=last_eval["top1"])
-    counters["wall_time_s"] = wall_before + time.perf_counter() - t_start
-    summary = _summary(c, plan, splits, last_eval, counters, describe(device))
-    write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
-    unused = "".join(f"; {k} ({n} images) not used" for k, n in splits.unused.items())
-    say(f"top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f} on {summary['eval_examples']} {splits.eval_name} "
-        f"images{unused} after {plan.end} steps ({summary['wall_time_s']:.1f} s); run in {out}")
-    return summary
+    def finish(self) -> dict[str, Any]:
+        """The checkpoint (with the evaluation crop as its data config) and summary.json; the summary."""
+        c, out, plan, splits = self.c, self.out, self.plan, self.splits
+        self.model.cpu()
+        self.model.data_config = data_config(plan.crop)  # evaluation squashes to the crop (HyperRule or --resolution)
+        save_checkpoint(self.model, out / "checkpoint.safetensors", source="finetune", finetuned_from=c.model,
+                        steps=plan.end, top1=self.last_eval["top1"])
+        self.counters["wall_time_s"] = self.wall_before + time.perf_counter() - self.t_start
+        summary = _summary(c, plan, splits, self.last_eval, self.counters, describe(self.device))
+        write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
+        unused = "".join(f"; {k} ({n} images) not used" for k, n in splits.unused.items())
+        self.say(f"top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f} on {summary['eval_examples']} "
+                 f"{splits.eval_name} images{unused} after {plan.end} steps ({summary['wall_time_s']:.1f} s); run in {out}")
+        return summary
 
 
 def _rate(count: float, seconds: float) -> float | None:

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..core.atomic import write_text
 from ..core.errors import UserError, is_user_error
@@ -349,7 +350,6 @@ def evaluate(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
 
 
 def _write_plots(out: Path, records: list[dict[str, Any]], metric_name: str) -> None:
-
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     line_plot(out / "loss.png", {"train": train, "held-out": [(r["step"], r["eval_loss"]) for r in evals]},
@@ -388,9 +388,49 @@ def _logged_before(path: Path, steps: int) -> tuple[float | None, float | None, 
 
 
 def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: StopOnSignal) -> dict[str, Any]:
-    from tqdm import tqdm
+    config, data, plan = _data_and_plan(config, env)
+    run = _Pretraining(config, env, data, plan)
+    if dist_utils.broadcast_object(run.state_path.is_file()):  # rank 0's view of the (shared) run folder decides
+        run.resume()
+    run.open()
+    net = run.net
+    net.train()
+    stop.arm()
+    bar = tqdm(total=plan.steps, initial=run.start, desc="pre-training", unit="update",
+               disable=not (progress and env.is_main))
+    for step in range(run.start, plan.steps):
+        lr = run.update(step)
+        done = step + 1
+        bar.update(1)
+        if done % config.log_every == 0 or done == plan.steps or done == 1:
+            mean = run.log_loss(done, lr)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}")
+        if done % plan.eval_every == 0 or done == plan.steps:
+            run.last_eval = run.eval_now(done)
+        if config.stop_after is not None and config.stop_after <= done < plan.steps:
+            run.save_state(done)
+            bar.close()
+            dist_utils.log(f"stopped after update {done} of {plan.steps} (--stop-after); the same command continues "
+                           "the run")
+            if run.logger:
+                run.logger.close()
+            return {"steps": plan.steps, "stopped_at": done, "resumed_from": run.start, "world_size": env.world_size,
+                    "final_loss": run.last_loss, "first_loss": run.first_loss}
+        # Every rank stops at the same update, whichever of them got the signal (a collective call).
+        signalled = done < plan.steps and dist_utils.any_process(stop.requested is not None, env.device)
+        if (done % plan.save_every == 0 or signalled) and done != plan.steps:
+            run.save_state(done)
+        if signalled:
+            bar.close()
+            if run.logger:
+                run.logger.close()
+            raise stop.stopped(done, plan.steps)
+    bar.close()
+    return run.finish()
 
-    out = Path(config.out)
+
+def _data_and_plan(config: PretrainConfig, env: dist_utils.DistEnv) -> tuple[PretrainConfig, Any, Plan]:
+    """The data, the config with its loss resolved, and the plan, refused early when they cannot run here."""
     log = dist_utils.log
     data = _main_first(env, lambda: load_pretrain_data(config.data, config.holdout, config.seed, config.check_images))
     chosen = resolve_loss(config.loss, data.multi_label)
@@ -405,167 +445,171 @@ def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: 
     check_training(resolve(config.model).arch, len(data.classes), plan.resolution, micro,
                    what=f"pre-training {config.model}", checkpointing=config.grad_checkpointing,
                    precision=config.precision, shards=env.world_size if config.fsdp else 1, device=env.device)
-    metric_name = "precision@1" if data.multi_label else "top-1"
     log(f"data: {data.summary()}")
     log(f"plan: {plan.describe()}; {env.world_size} process(es) on {env.device.type}"
         f"{' (' + env.backend + ')' if env.backend else ''}, {plan.batch // env.world_size // config.batch_split} "
         f"images per micro-batch, {config.batch_split} micro-batch(es) per update")
+    return config, data, plan
 
-    # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
-    # fork_rng leaves the caller's global generator as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = create_model(config.model, num_classes=len(data.classes), pretrained=False)
-    init_head(model, config.loss)
-    model.labels = list(data.classes)
-    arch, ws_eps = model.arch, model.ws_eps
-    model.set_grad_checkpointing(config.grad_checkpointing)  # the same mechanism as fine-tuning's
-    model.to(env.device, memory_format=training_layout(env.device, config.channels_last and not config.fsdp))
-    if config.fsdp:
-        units = [unit for stage in model.stages for unit in stage]
-        net = dist_utils.wrap_fsdp(model, units, env)
-    else:
-        net = dist_utils.wrap_ddp(model, env)
-    optimizer = sgd(param_groups(net, config.weight_decay, config.decay_norm_and_bias), env.device,
-                    fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
 
-    state_path = out / STATE_FILE
-    start, extra = 0, {}
-    if dist_utils.broadcast_object(state_path.is_file()):  # rank 0's view of the (shared) run folder decides
+class _Pretraining:
+    """A pre-training run from its model to its checkpoint, on every process: state, log, updates, evaluations."""
+
+    def __init__(self, config: PretrainConfig, env: dist_utils.DistEnv, data: Any, plan: Plan) -> None:
+        self.config, self.env, self.data, self.plan = config, env, data, plan
+        self.out = Path(config.out)
+        self.state_path = self.out / STATE_FILE
+        self.micro = plan.batch // env.world_size // config.batch_split
+        self.metric_name = "precision@1" if data.multi_label else "top-1"
+        # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
+        # fork_rng leaves the caller's global generator as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = create_model(config.model, num_classes=len(data.classes), pretrained=False)
+        init_head(model, config.loss)
+        model.labels = list(data.classes)
+        self.arch, self.ws_eps = model.arch, model.ws_eps
+        model.set_grad_checkpointing(config.grad_checkpointing)  # the same mechanism as fine-tuning's
+        model.to(env.device, memory_format=training_layout(env.device, config.channels_last and not config.fsdp))
+        if config.fsdp:
+            units = [unit for stage in model.stages for unit in stage]
+            self.net = dist_utils.wrap_fsdp(model, units, env)
+        else:
+            self.net = dist_utils.wrap_ddp(model, env)
+        self.optimizer = sgd(param_groups(self.net, config.weight_decay, config.decay_norm_and_bias), env.device,
+                             fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
+        self.start, self.extra = 0, {}
+        self.train_time, self.timed_steps, self.last_eval = 0.0, 0, {}
+
+    def resume(self) -> None:
+        """Load RUN/state.pt on rank 0 after checking it belongs to this run; every rank gets its weights."""
+        config, plan, path = self.config, self.plan, self.state_path
         holders = dist_utils.StateHolder({}), dist_utils.StateHolder({})
 
         def read_state() -> tuple[int, dict[str, Any]]:
             # Nothing is drawn from the global generators after initialisation, so their state is not restored.
-            step, extra = load_run_state(state_path, model=holders[0], optimizer=holders[1])
+            step, extra = load_run_state(path, model=holders[0], optimizer=holders[1])
             if extra.get("kind") != "pretrain":
-                raise UserError(f"{state_path} was not written by 'bigtransfer pretrain'; choose another --out")
-            _check_resumable(extra.get("config", {}), config, state_path)
-            _check_warmup(extra, config, plan, state_path)
+                raise UserError(f"{path} was not written by 'bigtransfer pretrain'; choose another --out")
+            _check_resumable(extra.get("config", {}), config, path)
+            _check_warmup(extra, config, plan, path)
             return step, {"world_size": extra.get("world_size"), "pending_loss": extra.get("pending_loss")}
 
-        start, extra = _main_first(env, read_state)  # only rank 0 reads the file; the weights are broadcast
-        dist_utils.load_full_state(net, optimizer, holders[0].state, holders[1].state)
-        log(f"resuming {state_path} at update {start} of {plan.steps} (saved by {extra['world_size']} process(es), "
-            f"now {env.world_size})")
-    if env.is_main:
-        write_text(out / "config.json", to_json({**asdict(config), "plan": asdict(plan)}, indent=2) + "\n")
-    logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if start else None) if env.is_main else None
-    first_loss, last_loss, logged_eval = None, None, None
-    if start:
-        first_loss, last_loss, logged_eval = dist_utils.broadcast_object(
-            _logged_before(out / "metrics.jsonl", plan.steps) if env.is_main else None)
-    local = torch.zeros(2, dtype=torch.float64)  # loss sum, examples since the last log line (over all ranks)
-    if start and env.is_main and extra.get("pending_loss"):
-        local += torch.tensor(extra["pending_loss"], dtype=torch.float64)
+        self.start, self.extra = _main_first(self.env, read_state)  # only rank 0 reads the file; the weights are broadcast
+        dist_utils.load_full_state(self.net, self.optimizer, holders[0].state, holders[1].state)
+        dist_utils.log(f"resuming {path} at update {self.start} of {plan.steps} (saved by {self.extra['world_size']} "
+                       f"process(es), now {self.env.world_size})")
 
-    batches = train_batches(data, plan.resolution, plan.batch, config.seed, env.rank, env.world_size,
-                            config.batch_split, start, plan.steps, config.workers)
-
-    def save_state(step: int) -> dict[str, torch.Tensor]:
-        model_state, optim_state = dist_utils.gather_full_state(net, optimizer)  # collective: every rank calls it
-        # The loss summed since the last log line goes with the state, so a resumed run logs what an unbroken one would.
-        pending = dist_utils.all_reduce_sum(local.to(env.device)).cpu().tolist()
+    def open(self) -> None:
+        """config.json, the log, what the log held before the start update, and the batches from there on."""
+        config, env, plan, out, start = self.config, self.env, self.plan, self.out, self.start
         if env.is_main:
-            save_run_state(state_path, model=dist_utils.StateHolder(model_state),
-                           optimizer=dist_utils.StateHolder(optim_state), step=step, kind="pretrain",
-                           config=asdict(config), world_size=env.world_size, warmup=plan.warmup,
-                           pending_loss=pending)
-        dist_utils.barrier()
-        return model_state
+            write_text(out / "config.json", to_json({**asdict(config), "plan": asdict(plan)}, indent=2) + "\n")
+        self.logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if start else None) if env.is_main else None
+        self.first_loss, self.last_loss, self.logged_eval = None, None, None
+        if start:
+            self.first_loss, self.last_loss, self.logged_eval = dist_utils.broadcast_object(
+                _logged_before(out / "metrics.jsonl", plan.steps) if env.is_main else None)
+        self.local = torch.zeros(2, dtype=torch.float64)  # loss sum, examples since the last log line (all ranks)
+        if start and env.is_main and self.extra.get("pending_loss"):
+            self.local += torch.tensor(self.extra["pending_loss"], dtype=torch.float64)
+        self.batches = train_batches(self.data, plan.resolution, plan.batch, config.seed, env.rank, env.world_size,
+                                     config.batch_split, start, plan.steps, config.workers)
 
-    def eval_now(step: int) -> dict[str, Any]:
-        held = eval_batches(data, plan.resolution, micro, env.rank, env.world_size, config.workers, config.max_eval)
-        result = evaluate(net, held, env, config.loss, config.precision, plan.resolution, len(data.classes))
-        if result and logger:
-            logger.log({"step": step, **result})
-        if result:
-            log(f"update {step}: held-out loss {result['eval_loss']:.4f}, {metric_name} "
-                f"{result['eval_precision_at_1']:.4f} on {result['eval_examples']} images")
-        return result
-
-    net.train()
-    train_time, timed_steps, last_eval = 0.0, 0, {}
-    stop.arm()
-    bar = tqdm(total=plan.steps, initial=start, desc="pre-training", unit="update",
-               disable=not (progress and env.is_main))
-    for step in range(start, plan.steps):
+    def update(self, step: int) -> float:
+        """One SGD update over this process's micro-batches of `step`; returns its learning rate."""
+        config, env, net = self.config, self.env, self.net
         t0 = time.perf_counter()
-        lr = plan.lr(step)
-        for group in optimizer.param_groups:
+        lr = self.plan.lr(step)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         for q in range(config.batch_split):
-            x, y = next(batches)
+            x, y = next(self.batches)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             with _gradient_sync(net, config, last=q == config.batch_split - 1), autocast(env.device, config.precision):
                 loss = pretrain_loss(net(x), y, config.loss)
             (loss / config.batch_split).backward()
-            local += torch.stack([loss.detach().double().cpu() * len(x), torch.tensor(float(len(x)))])
-        optimizer.step()
+            self.local += torch.stack([loss.detach().double().cpu() * len(x), torch.tensor(float(len(x)))])
+        self.optimizer.step()
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
-        if step > start:  # the first update of a process pays one-off costs (workers, allocator); not timed
-            train_time += time.perf_counter() - t0
-            timed_steps += 1
-        done = step + 1
-        bar.update(1)
-        if done % config.log_every == 0 or done == plan.steps or done == 1:
-            loss_sum, count = dist_utils.all_reduce_sum(local.to(env.device)).cpu().tolist()
-            local.zero_()
-            mean = loss_sum / count
-            if not math.isfinite(mean):
-                raise UserError(f"the training loss became {mean} at update {done} (lr {lr:.4g}); lower --lr or "
-                                   "check the data")
-            first_loss = mean if first_loss is None else first_loss
-            last_loss = mean
-            ips = timed_steps * plan.batch / train_time if train_time else None
-            if logger:
-                logger.log({"step": done, "epoch": done * plan.batch / plan.examples, "lr": lr, "loss": mean,
-                            "images_per_s": ips, "images_per_s_per_process": ips / env.world_size if ips else None})
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}")
-        if done % plan.eval_every == 0 or done == plan.steps:
-            last_eval = eval_now(done)
-        if config.stop_after is not None and config.stop_after <= done < plan.steps:
-            save_state(done)
-            bar.close()
-            log(f"stopped after update {done} of {plan.steps} (--stop-after); the same command continues the run")
-            if logger:
-                logger.close()
-            return {"steps": plan.steps, "stopped_at": done, "resumed_from": start, "world_size": env.world_size,
-                    "final_loss": last_loss, "first_loss": first_loss}
-        # Every rank stops at the same update, whichever of them got the signal (a collective call).
-        signalled = done < plan.steps and dist_utils.any_process(stop.requested is not None, env.device)
-        if (done % plan.save_every == 0 or signalled) and done != plan.steps:
-            save_state(done)
-        if signalled:
-            bar.close()
-            if logger:
-                logger.close()
-            raise stop.stopped(done, plan.steps)
-    bar.close()
-    if start >= plan.steps:  # a finished run again: its final evaluation is in the log unless killed before it
-        last_eval = logged_eval if logged_eval is not None else eval_now(plan.steps)
-    model_state = save_state(plan.steps)
-    summary: dict[str, Any] = {}
-    if env.is_main:
-        final = ResNetV2(arch, len(data.classes), ws_eps=ws_eps)
-        load_state(final, model_state, "the trained model")
-        final.labels = list(data.classes)
-        final.data_config = data_config(plan.resolution)  # the held-out evaluation squashes to the run's resolution
-        save_checkpoint(final, out / FINAL_FILE, pretrain=config.preset, steps=plan.steps, data=str(config.data))
-        ips = timed_steps * plan.batch / train_time if train_time else None
-        summary = {"steps": plan.steps, "resumed_from": start, "world_size": env.world_size, "backend": env.backend,
-                   "device": env.device.type, "classes": len(data.classes), "multi_label": data.multi_label,
-                   "train_examples": data.train_count, "metric": metric_name, "loss": config.loss,
-                   "first_loss": first_loss, "final_loss": last_loss, **last_eval,
-                   "images_per_s": ips, "images_per_s_per_process": ips / env.world_size if ips else None,
-                   "timed_updates": timed_steps, "checkpoint": str(out / FINAL_FILE), "plan": asdict(plan)}
-        write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
-        logger.close()
-        _write_plots(out, read_jsonl(out / "metrics.jsonl"), metric_name)
-        log(f"wrote {out / FINAL_FILE}; summary in {out / 'summary.json'}")
-    dist_utils.barrier()
-    return dist_utils.broadcast_object(summary)
+        if step > self.start:  # the first update of a process pays one-off costs (workers, allocator); not timed
+            self.train_time += time.perf_counter() - t0
+            self.timed_steps += 1
+        return lr
+
+    def images_per_s(self) -> float | None:
+        return self.timed_steps * self.plan.batch / self.train_time if self.train_time else None
+
+    def log_loss(self, done: int, lr: float) -> float:
+        """Log the mean training loss over every process since the last log line; returns it."""
+        loss_sum, count = dist_utils.all_reduce_sum(self.local.to(self.env.device)).cpu().tolist()
+        self.local.zero_()
+        mean = loss_sum / count
+        if not math.isfinite(mean):
+            raise UserError(f"the training loss became {mean} at update {done} (lr {lr:.4g}); lower --lr or "
+                            "check the data")
+        self.first_loss = mean if self.first_loss is None else self.first_loss
+        self.last_loss = mean
+        ips = self.images_per_s()
+        if self.logger:
+            self.logger.log({"step": done, "epoch": done * self.plan.batch / self.plan.examples, "lr": lr, "loss": mean,
+                             "images_per_s": ips, "images_per_s_per_process": ips / self.env.world_size if ips else None})
+        return mean
+
+    def save_state(self, step: int) -> dict[str, torch.Tensor]:
+        env = self.env
+        model_state, optim_state = dist_utils.gather_full_state(self.net, self.optimizer)  # collective: every rank
+        # The loss summed since the last log line goes with the state, so a resumed run logs what an unbroken one would.
+        pending = dist_utils.all_reduce_sum(self.local.to(env.device)).cpu().tolist()
+        if env.is_main:
+            save_run_state(self.state_path, model=dist_utils.StateHolder(model_state),
+                           optimizer=dist_utils.StateHolder(optim_state), step=step, kind="pretrain",
+                           config=asdict(self.config), world_size=env.world_size, warmup=self.plan.warmup,
+                           pending_loss=pending)
+        dist_utils.barrier()
+        return model_state
+
+    def eval_now(self, step: int) -> dict[str, Any]:
+        config, env, plan = self.config, self.env, self.plan
+        held = eval_batches(self.data, plan.resolution, self.micro, env.rank, env.world_size, config.workers,
+                            config.max_eval)
+        result = evaluate(self.net, held, env, config.loss, config.precision, plan.resolution, len(self.data.classes))
+        if result and self.logger:
+            self.logger.log({"step": step, **result})
+        if result:
+            dist_utils.log(f"update {step}: held-out loss {result['eval_loss']:.4f}, {self.metric_name} "
+                           f"{result['eval_precision_at_1']:.4f} on {result['eval_examples']} images")
+        return result
+
+    def finish(self) -> dict[str, Any]:
+        """The final evaluation if missing, the state, and on rank 0 the checkpoint, summary.json and plots."""
+        config, env, plan, out, data = self.config, self.env, self.plan, self.out, self.data
+        if self.start >= plan.steps:  # a finished run again: its final evaluation is in the log unless killed before
+            self.last_eval = self.logged_eval if self.logged_eval is not None else self.eval_now(plan.steps)
+        model_state = self.save_state(plan.steps)
+        summary: dict[str, Any] = {}
+        if env.is_main:
+            final = ResNetV2(self.arch, len(data.classes), ws_eps=self.ws_eps)
+            load_state(final, model_state, "the trained model")
+            final.labels = list(data.classes)
+            final.data_config = data_config(plan.resolution)  # the held-out evaluation squashes to the run's resolution
+            save_checkpoint(final, out / FINAL_FILE, pretrain=config.preset, steps=plan.steps, data=str(config.data))
+            ips = self.images_per_s()
+            summary = {"steps": plan.steps, "resumed_from": self.start, "world_size": env.world_size,
+                       "backend": env.backend, "device": env.device.type, "classes": len(data.classes),
+                       "multi_label": data.multi_label, "train_examples": data.train_count, "metric": self.metric_name,
+                       "loss": config.loss, "first_loss": self.first_loss, "final_loss": self.last_loss,
+                       **self.last_eval, "images_per_s": ips,
+                       "images_per_s_per_process": ips / env.world_size if ips else None,
+                       "timed_updates": self.timed_steps, "checkpoint": str(out / FINAL_FILE), "plan": asdict(plan)}
+            write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
+            self.logger.close()
+            _write_plots(out, read_jsonl(out / "metrics.jsonl"), self.metric_name)
+            dist_utils.log(f"wrote {out / FINAL_FILE}; summary in {out / 'summary.json'}")
+        dist_utils.barrier()
+        return dist_utils.broadcast_object(summary)
 
 
 def _gradient_sync(net: nn.Module, config: PretrainConfig, last: bool) -> contextlib.AbstractContextManager:
