@@ -28,21 +28,18 @@ ONLY_AT_END = 2**31 - 1
 SAVE_EVERY = 100
 
 
-@dataclass
-class TrainOptions:
-    """The fine-tuning settings every run of a protocol shares (see FinetuneConfig for each one)."""
+# The FinetuneConfig settings every run of a protocol shares; the protocol sets the others per run.
+SHARED_SETTINGS = ("model", "weights", "steps", "batch", "batch_split", "resolution", "precision", "device", "workers",
+                   "variant", "base_lr")
+# Their fields, defaults included, as FinetuneConfig declares them: each default is written once, there.
+_SharedSettings = dataclasses.make_dataclass(
+    "_SharedSettings", [(f.name, f.type, dataclasses.field(default=f.default))
+                        for f in dataclasses.fields(FinetuneConfig) if f.name in SHARED_SETTINGS])
 
-    model: str = "BiT-M-R50x1"
-    weights: str | None = None
-    steps: int | None = None  # None: the HyperRule's length
-    batch: int = 512
-    batch_split: int = 1
-    resolution: tuple[int, int] | None = None  # (precrop, crop); None: the HyperRule's
-    precision: str = "fp32"
-    device: str = "auto"
-    workers: int | None = None
-    variant: str = "release"
-    base_lr: float | None = None  # None: the model's recommended value, else the HyperRule's 0.003
+
+@dataclass
+class TrainOptions(_SharedSettings):
+    """The fine-tuning settings every run of a protocol shares (SHARED_SETTINGS; see FinetuneConfig for each)."""
 
     def finetune_config(self, data: str | Path, out: str | Path, **settings: Any) -> FinetuneConfig:
         """A silent FinetuneConfig for one run of the protocol; `settings` override these options."""
