@@ -1,7 +1,9 @@
 """The `bigtransfer` command line: one sub-module per verb, each with register() and run().
 
-A verb imports the machinery it runs inside run() (and register()), not at its top: building the parser imports
-every verb module, and loading every layer for `bigtransfer --help` would slow each start by the import time.
+Building the parser imports every verb module, so a verb whose machinery is not loaded by the package itself
+imports it inside run(): loading every layer for `bigtransfer --help` would slow each start. finetune and
+pretrain import theirs at the top (their configs give the options' defaults, see options.py; the package and
+`pretrain`'s option choices load those modules anyway).
 """
 
 from __future__ import annotations
