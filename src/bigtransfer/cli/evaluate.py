@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ..engine.device import PRECISIONS
+from ..evaluation.protocol_runs import TrainOptions
+from .options import config_from, use_defaults
 from .predict import add_model_options
-
-if TYPE_CHECKING:
-    from ..evaluation.protocol_runs import TrainOptions
 
 HELP = "Evaluate a checkpoint: linear probe or k-NN on frozen pre-logits (cached), few-shot, VTAB."
 
@@ -62,26 +60,22 @@ def _register_training(p: argparse.ArgumentParser) -> None:
                                                                 "(re-run the command to reuse finished runs; locked "
                                                                 "while in use)")
     p.add_argument("--steps", type=int, metavar="S", help="updates per run (default: the HyperRule's)")
-    p.add_argument("--batch", type=int, default=512, metavar="B", help="global batch size (default 512)")
-    p.add_argument("--batch-split", type=int, default=1, metavar="Q", help="micro-batches per batch (default 1)")
+    p.add_argument("--batch", type=int, metavar="B", help="global batch size (default %(default)s)")
+    p.add_argument("--batch-split", type=int, metavar="Q", help="micro-batches per batch (default %(default)s)")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("PRECROP", "CROP"),
                    help="squash-resize to PRECROP, train on CROP crops (default: the HyperRule's)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=PRECISIONS, help="default %(default)s")
+    p.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--workers", type=int, metavar="N", help="data loading processes (default: CPUs, at most 8)")
-    p.add_argument("--variant", choices=("release", "paper"), default="release", help="HyperRule variant")
+    p.add_argument("--variant", choices=("release", "paper"), help="HyperRule variant")
     p.add_argument("--base-lr", type=float,
                    help="lr at batch 512 (default: the model's recommended value, else the HyperRule's 0.003)")
     p.add_argument("--overwrite", action="store_true", help="re-run every run from scratch instead of reusing it")
+    use_defaults(p, TrainOptions)
 
 
 def _training(args: argparse.Namespace) -> TrainOptions:
-    from ..evaluation.protocol_runs import TrainOptions
-
-    return TrainOptions(model=args.model, weights=args.weights, steps=args.steps, batch=args.batch,
-                        batch_split=args.batch_split, resolution=tuple(args.resolution) if args.resolution else None,
-                        precision=args.precision, device=args.device, workers=args.workers, variant=args.variant,
-                        base_lr=args.base_lr)
+    return config_from(TrainOptions, args, resolution=tuple(args.resolution) if args.resolution else None)
 
 
 def _register_fewshot(p: argparse.ArgumentParser) -> None:
