@@ -261,7 +261,10 @@ def test_interrupting_a_build_leaves_no_output(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "bigtransfer", "corpus", "--out", str(out), "--sources", "glyphs",
                              "--fonts", str(empty), "--max-classes", "10", "--views-per-class", "5000", "--size", "32",
-                             "--shard-size", "50"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--shard-size", "50"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # A suite started in the background by a script inherits SIGINT ignored, and Python then
+                            # keeps ignoring it: give the build the default, as a terminal would.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 60
         # Wait until shards are being finished inside the hidden temporary folder: the build is under way.
