@@ -42,12 +42,7 @@ def _register_knn(p: argparse.ArgumentParser) -> None:
 def _run_frozen(args: argparse.Namespace) -> int:
     from ..evaluation.linear import FrozenEvalConfig, run_frozen_eval
 
-    config = FrozenEvalConfig(
-        method=args.protocol, data=args.data, out=args.out, model=args.model, weights=args.weights,
-        examples_per_class=args.examples_per_class, seed=args.seed, resolution=args.resolution,
-        k=getattr(args, "k", 10), precision=args.precision, batch=args.batch, workers=args.workers,
-        device=args.device, cache=args.cache, use_cache=not args.no_cache)
-    run_frozen_eval(config)
+    run_frozen_eval(config_from(FrozenEvalConfig, args, method=args.protocol, use_cache=not args.no_cache))
     return 0
 
 
@@ -93,8 +88,7 @@ def _register_fewshot(p: argparse.ArgumentParser) -> None:
 def _run_fewshot(args: argparse.Namespace) -> int:
     from ..evaluation.fewshot import FewShotConfig, run_fewshot
 
-    run_fewshot(FewShotConfig(data=args.data, out=args.out, shots=tuple(args.shots), seeds=args.seeds,
-                              train=_training(args), val_fraction=args.val_fraction, overwrite=args.overwrite))
+    run_fewshot(config_from(FewShotConfig, args, shots=tuple(args.shots), train=_training(args)))
     return 0
 
 
@@ -121,11 +115,8 @@ def _register_vtab(p: argparse.ArgumentParser) -> None:
 def _run_vtab(args: argparse.Namespace) -> int:
     from ..evaluation.vtab import SWEEP_LRS, VtabConfig, run_vtab
 
-    run_vtab(VtabConfig(root=args.root, out=args.out, tasks=args.tasks, sweep=args.sweep, tuned=args.tuned,
-                        trials=args.trials,
-                        sweep_lrs=tuple(args.sweep_lr) if args.sweep_lr else SWEEP_LRS,
-                        sweep_steps=tuple(args.sweep_steps) if args.sweep_steps else None, seeds=args.seeds,
-                        train=_training(args), overwrite=args.overwrite))
+    run_vtab(config_from(VtabConfig, args, sweep_lrs=tuple(args.sweep_lr) if args.sweep_lr else SWEEP_LRS,
+                         sweep_steps=tuple(args.sweep_steps) if args.sweep_steps else None, train=_training(args)))
     return 0
 
 
