@@ -305,7 +305,7 @@ def test_resume_refuses_other_settings_and_finished_run_is_stable(pretrained_run
     from bigtransfer.upstream.pretrain import run_pretrain
 
     config, summary = pretrained_run
-    with pytest.raises(ValueError, match=r"seed \(saved 0, now 1\)"):
+    with pytest.raises(ValueError, match=r"--seed was 0, now 1"):
         run_pretrain(replace(config, seed=1), progress=False)
     before, meta_before = read_checkpoint(Path(config.out) / "checkpoint.safetensors")
     again = run_pretrain(config, progress=False)  # finished: evaluates and rewrites the same weights
@@ -421,7 +421,7 @@ def test_explicit_loss_resumes_and_auto_is_refused_where_it_would_train_another_
                             resolution=32, log_every=1, workers=0, loss="softmax", stop_after=1)
     assert run_pretrain(config, progress=False)["stopped_at"] == 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"] == "softmax"
-    with pytest.raises(ValueError, match=r"loss \(saved 'softmax', now 'sigmoid'\)"):
+    with pytest.raises(ValueError, match=r"--loss was 'softmax', now 'sigmoid'"):
         run_pretrain(replace(config, loss="auto", stop_after=None), progress=False)  # multi-label: auto is sigmoid
     done = run_pretrain(replace(config, stop_after=None), progress=False)  # the same explicit flag resumes
     assert done["resumed_from"] == 1 and done["loss"] == "softmax"

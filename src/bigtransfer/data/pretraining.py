@@ -174,8 +174,7 @@ class RankStepSampler(Sampler[list[tuple[int, int]]]):
 
     def step_keys(self, step: int) -> list[tuple[int, int]]:
         """(index, augmentation seed) of every example of global step `step`, in batch order."""
-        # micro_batch=None: sampling with replacement only when the whole global batch exceeds the data,
-        # a rule that does not depend on how many processes or micro-batches share the step.
+        # micro_batch=None: with replacement only when the global batch exceeds the data (see batch_indices).
         idx = batch_indices(step, self.n, self.batch, self.seed)
         return [(i, sample_seed(self.seed, step, j)) for j, i in enumerate(idx)]
 

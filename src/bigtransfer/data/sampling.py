@@ -47,6 +47,10 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, micro_batch: in
     """Dataset indices of the global batch of `step` (see the module docstring for the rule)."""
     if n < 1 or batch_size < 1 or step < 0:
         raise ValueError(f"need n >= 1, batch_size >= 1 and step >= 0; got n={n}, batch_size={batch_size}, step={step}")
+    # The two loops differ here on purpose, and must keep doing so (it decides which images a resumed run sees):
+    # fine-tuning passes its micro-batch and samples with replacement as soon as one micro-batch exceeds the data
+    # (tiny few-shot sets, as the authors' code does); pre-training passes None and does so only when the whole
+    # global batch does, a rule that does not depend on how many processes or micro-batches share the step.
     if (micro_batch or batch_size) > n:
         return torch.randint(n, (batch_size,), generator=_generator(mix_seed("replace", seed, step))).tolist()
     start = step * batch_size

@@ -20,6 +20,7 @@ from typing import Any
 from ..core.atomic import atomic_path, write_text
 from ..core.errors import UserError
 from ..engine.metrics import to_json
+from ..engine.rundir import changed_settings
 from ..transfer.finetune import SETTINGS_THAT_MATTER, FinetuneConfig, run_finetune
 
 # A protocol scores each run once, at its end: evaluating along the way (finetune's default, about 5 times) would
@@ -99,8 +100,7 @@ def finished_summary(config: FinetuneConfig) -> dict[str, Any] | None:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    new = json.loads(to_json(dataclasses.asdict(c)))  # the form config.json stores (tuples as lists)
-    if any(old.get(k) != new.get(k) for k in SETTINGS_THAT_MATTER):
+    if not isinstance(old, dict) or changed_settings(old, dataclasses.asdict(c), FinetuneConfig.RESUMABLE_CHANGES):
         return None
     return summary
 

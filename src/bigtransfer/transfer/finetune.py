@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..core.atomic import write_text
 from ..core.errors import UserError
 from ..core.paths import name_bytes
-from ..core.runfolder import LOCK_FILE, StopOnSignal, own_folder
+from ..core.runfolder import StopOnSignal
 from ..core.validate import check_out_folder, check_positive
 from ..core.version import __version__
 from ..data.datasets import (
@@ -45,10 +45,12 @@ from ..data.datasets import (
 )
 from ..data.sampling import mix_seed
 from ..deploy.inference_model import prepare_for_inference
-from ..engine.device import autocast, check_precision, describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.device import check_precision, describe, grad_scaler, pick_device, sgd, training_layout
 from ..engine.metrics import Evaluation, JsonlLogger, read_jsonl, to_json
 from ..engine.plots import confusion_plot, line_plot
-from ..engine.runstate import load_run_state, save_run_state
+from ..engine.progress import Progress
+from ..engine.rundir import RunDir, RunDirError, must_match
+from ..engine.step import accumulate_and_step, evaluation_pass
 from ..model.checkpoints import save_checkpoint
 from ..model.factory import create_model
 from ..model.memory import check_training
@@ -57,9 +59,6 @@ from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
 from .hyperrule import BASE_LR, VARIANTS, make_plan
 
-# Settings that change what a run computes: resuming under different values would splice two different runs.
-SETTINGS_THAT_MATTER = ("data", "model", "weights", "examples_per_class", "seed", "steps", "batch", "resolution",
-                        "flip", "crop", "variant", "base_lr", "val_fraction", "precision", "split_seed", "mixup_alpha")
 # Files a run writes; --overwrite removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "state.pt", "summary.json", "checkpoint.safetensors",
              "loss.png", "lr.png", "accuracy.png", "confusion.png")
@@ -102,6 +101,12 @@ class FinetuneConfig:
     split_seed: int | None = None  # draws that held-out split; None: seed (the few-shot protocol fixes it)
     mixup_alpha: float | None = None  # None: the HyperRule's (0 under 20k examples, else 0.1); VTAB's --tuned draws it
 
+    # The settings that may differ when a run is resumed (how it is spread, shown and checked, not what it
+    # computes); every other one must equal the saved value (`engine.rundir`'s one rule).
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
+        "out", "batch_split", "channels_last", "grad_checkpointing", "device", "eval_every", "save_every", "workers",
+        "eval_batch", "strict", "quiet", "silent", "overwrite"})
+
     def normalized(self) -> FinetuneConfig:
         """A copy with absolute paths and a tuple resolution, after checking every value."""
         c = dataclasses.replace(self)
@@ -116,8 +121,8 @@ class FinetuneConfig:
         return c
 
 
-class RunDirError(UserError):
-    """The run directory holds something that this run must not resume or overwrite."""
+# Settings that change what a run computes: resuming under different values would splice two different runs.
+SETTINGS_THAT_MATTER = must_match(FinetuneConfig)
 
 
 def recommended_settings(model: str) -> dict[str, Any]:
@@ -201,56 +206,33 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
                scaler: torch.amp.GradScaler | None = None) -> float:
     """One optimizer update over the micro-batches of a global batch of `batch` examples; returns the mean loss."""
 
-    device = device or torch.device("cpu")
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    seen = 0
-    for q, (x, y) in enumerate(micro_batches):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        partner = y
-        if lam < 1.0:
-            perm = mixup_permutation(x.shape[0], seed, step, q).to(device)
-            x = lam * x + (1.0 - lam) * x[perm]
-            partner = y[perm]
-        with autocast(device, precision):
-            logits = model(x)
+    def mix(q: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if lam >= 1.0:
+            return x, (y, y)
+        perm = mixup_permutation(x.shape[0], seed, step, q).to(x.device)
+        return lam * x + (1.0 - lam) * x[perm], (y, y[perm])
+
+    def loss_fn(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # Summed over the micro-batch and divided by the global batch: the accumulated gradient is the batch mean.
-        loss = mixup_loss(logits.float(), y, partner, lam, reduction="sum") / batch
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += float(loss.detach())
-        seen += x.shape[0]
+        return mixup_loss(logits.float(), *target, lam, reduction="sum") / batch
+
+    losses = accumulate_and_step(model, optimizer, micro_batches, loss_fn, device=device or torch.device("cpu"),
+                                 precision=precision, lr=lr, scaler=scaler, prepare=mix)
+    seen = sum(n for _, n in losses)
     if seen != batch:
         raise RuntimeError(f"step {step}: the micro-batches held {seen} examples, expected {batch}")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return total
+    return sum(float(loss) for loss, _ in losses)
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
              device: torch.device | None = None, precision: str = "fp32") -> dict[str, Any]:
     """Loss, top-1, top-5, per-class accuracy and confusion matrix of a model over a loader."""
-
-    device = device or torch.device("cpu")
-    was_training = model.training
-    model.eval()
+    ev = Evaluation(num_classes)
     # fp32: the inference fast path (kernels standardized once for the whole pass, channels-last, the
     # forward-only GEMM rule); reduced precisions keep the training run's own autocast recipe.
-    run = prepare_for_inference(model) if precision == "fp32" and isinstance(model, ResNetV2) else model
-    ev = Evaluation(num_classes)
-    start = time.perf_counter()
-    for x, y in loader:
-        with autocast(device, precision):
-            logits = run(x.to(device, non_blocking=True))
-        ev.update(logits, y)
-    seconds = time.perf_counter() - start
-    model.train(was_training)
+    fast = precision == "fp32" and isinstance(model, ResNetV2)
+    seconds = evaluation_pass(model, loader, ev.update, device=device or torch.device("cpu"), precision=precision,
+                              forward=prepare_for_inference if fast else None)
     result = ev.result()
     result["seconds"] = seconds
     return result
@@ -265,36 +247,6 @@ def _settings(c: FinetuneConfig) -> dict[str, Any]:
     return d
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _prepare_run_dir(c: FinetuneConfig) -> bool:
-    """Check RUN against this config; True when there is a state to resume from."""
-    out = Path(c.out)
-    config_file = out / "config.json"
-    if c.overwrite:
-        for name in reversed(RUN_FILES):  # config.json last: a folder half cleared still reads as a run folder
-            (out / name).unlink(missing_ok=True)
-        return False
-    if not out.exists() or not any(p.name != LOCK_FILE for p in out.iterdir()):
-        return False
-    if not config_file.is_file():
-        raise RunDirError(f"{out}: exists and is not a bigtransfer run directory (no config.json); "
-                          "choose another --out or pass --overwrite")
-    try:
-        old = json.loads(config_file.read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunDirError(f"{config_file}: unreadable ({e}); pass --overwrite to start afresh") from None
-    new = json.loads(to_json(_settings(c)))  # the form config.json stores (file names as `shown` writes them)
-    differ = [f"{_flag(k)} was {old.get(k)!r}, now {new[k]!r}" for k in SETTINGS_THAT_MATTER if old.get(k) != new[k]]
-    finished = (out / "summary.json").is_file() or (out / "state.pt").is_file()
-    if differ and finished:
-        raise RunDirError(f"{out} holds a run with other settings ({'; '.join(differ)}); "
-                          "pass --overwrite to start afresh, or choose another --out")
-    return not differ and (out / "state.pt").is_file()
-
-
 def _fingerprint(splits: Any) -> str:
     """A digest of the examples and classes, to refuse resuming on data that changed."""
     h = hashlib.sha256()
@@ -307,41 +259,6 @@ def _fingerprint(splits: Any) -> str:
 
 
 # ---------------------------------------------------------------- the run
-
-class _Printer:
-    """Messages and progress: a tqdm bar, plain lines (quiet), or nothing (silent)."""
-
-    def __init__(self, c: FinetuneConfig) -> None:
-        self.quiet, self.silent = c.quiet, c.silent
-        self.bar: Any = None
-
-    def say(self, msg: str) -> None:
-        if self.silent:
-            return
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
-
-    def start_bar(self, total: int, initial: int) -> None:
-        if self.silent or self.quiet:
-            return
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, unit="step", desc="fine-tuning", dynamic_ncols=True)
-
-    def step(self, done: int, total: int, loss: float, lr: float, ips: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{ips:.1f}"}, refresh=False)
-            self.bar.update(1)
-        elif self.quiet and not self.silent and (done % max(1, total // 20) == 0 or done == total):
-            print(f"step {done}/{total}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
 
 def _build_model(c: FinetuneConfig, classes: list[str], say: Callable[[str], None]) -> Any:
     """The model with the starting weights and a new zero-initialised head for `classes`."""
@@ -364,11 +281,10 @@ def _build_model(c: FinetuneConfig, classes: list[str], say: Callable[[str], Non
     return model, origin
 
 
-def _write_config(path: Path, settings: dict[str, Any], plan: Any, splits: Any, fingerprint: str,
-                  resolved: dict[str, Any]) -> None:
+def _config_record(settings: dict[str, Any], plan: Any, splits: Any, fingerprint: str,
+                   resolved: dict[str, Any]) -> dict[str, Any]:
     """config.json: the settings (what resuming compares), the resolved plan, and the data the run sees."""
-
-    write_text(path, to_json({
+    return {
         "settings": settings,
         "plan": {**dataclasses.asdict(plan), "peak_lr": plan.peak_lr, "images_seen": plan.images_seen},
         "resolved": resolved,
@@ -377,7 +293,7 @@ def _write_config(path: Path, settings: dict[str, Any], plan: Any, splits: Any, 
                  "skipped": [dataclasses.asdict(s) for s in splits.skipped],
                  "ignored": splits.ignored, "fingerprint": fingerprint},
         "versions": {"torch": torch.__version__, "bigtransfer": __version__},
-    }, indent=2) + "\n")
+    }
 
 
 def _write_plots(out: Path, records: list[dict[str, Any]], classes: list[str], confusion: Any | None) -> None:
@@ -406,27 +322,28 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     """
     t_start = time.perf_counter()
     c = config.normalized()
-    with own_folder(c.out, "run folder"), StopOnSignal(Path(c.out) / "state.pt") as stop:
-        return _run(c, on_step, t_start, stop)
+    rundir = RunDir(c.out, files=RUN_FILES)
+    with rundir.lock(), rundir.stop_on_signal() as stop:
+        return _run(c, rundir, on_step, t_start, stop)
 
 
-def _run(c: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
+def _run(c: FinetuneConfig, rundir: RunDir, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
          stop: StopOnSignal) -> dict[str, Any]:
-    printer = _Printer(c)
-    resume = _prepare_run_dir(c)
-    splits, plan = _data_and_plan(c, printer.say)
-    run = _Training(c, splits, plan, printer.say, t_start)
+    progress = Progress("nothing" if c.silent else "lines" if c.quiet else "bar", desc="fine-tuning", unit="step")
+    resume = rundir.resume_point(_settings(c), FinetuneConfig.RESUMABLE_CHANGES, overwrite=c.overwrite)
+    splits, plan = _data_and_plan(c, progress.say)
+    run = _Training(c, rundir, splits, plan, progress.say, t_start)
     if resume:
         finished = run.resume()
         if finished is not None:
             return finished
     run.open(resume)
-    printer.start_bar(plan.end, run.start)
+    progress.start(plan.end, run.start)
     try:
         stop.arm()
-        run.train(printer, stop, on_step)
+        run.train(progress, stop, on_step)
     finally:
-        printer.close()
+        progress.close()
         run.logger.close()
     return run.finish()
 
@@ -455,8 +372,10 @@ def _data_and_plan(c: FinetuneConfig, say: Callable[[str], None]) -> tuple[Any, 
 class _Training:
     """A fine-tuning run from its model to its summary: optimizer, loaders, counters and log, step by step."""
 
-    def __init__(self, c: FinetuneConfig, splits: Any, plan: Any, say: Callable[[str], None], t_start: float) -> None:
-        self.c, self.out, self.splits, self.plan, self.say, self.t_start = c, Path(c.out), splits, plan, say, t_start
+    def __init__(self, c: FinetuneConfig, rundir: RunDir, splits: Any, plan: Any, say: Callable[[str], None],
+                 t_start: float) -> None:
+        self.c, self.rundir, self.out, self.splits, self.plan = c, rundir, rundir.path, splits, plan
+        self.say, self.t_start = say, t_start
         self.device = pick_device(c.device)
         self.micro = c.batch // c.batch_split
         check_training(resolve(c.model).arch, len(splits.classes), plan.crop, self.micro,
@@ -475,8 +394,7 @@ class _Training:
     def resume(self) -> dict[str, Any] | None:
         """Load RUN/state.pt; the saved summary when that run had already finished, else None."""
         out, end = self.out, self.plan.end
-        self.start, self.extra = load_run_state(out / "state.pt", model=self.model, optimizer=self.optimizer,
-                                                scaler=self.scaler)
+        self.start, self.extra = self.rundir.load_state(model=self.model, optimizer=self.optimizer, scaler=self.scaler)
         if self.extra.get("fingerprint") != self.fingerprint:
             raise RunDirError(f"{out}: the data changed since this run started (other files or classes in "
                               f"{self.c.data}); pass --overwrite to start afresh")
@@ -493,9 +411,9 @@ class _Training:
         self.settings = _settings(c)
         # Created only now, once data, plan and model are good: a run refused before this leaves no empty folder.
         out.mkdir(parents=True, exist_ok=True)
-        _write_config(out / "config.json", self.settings, plan, splits, self.fingerprint,
-                      {"eval_every": self.eval_every, "save_every": self.save_every, "micro_batch": self.micro,
-                       "device": str(self.device), "start": self.origin})
+        resolved = {"eval_every": self.eval_every, "save_every": self.save_every, "micro_batch": self.micro,
+                    "device": str(self.device), "start": self.origin}
+        self.rundir.write_config(_config_record(self.settings, plan, splits, self.fingerprint, resolved))
         train_ds = ImageDataset(splits.train, train_transform(plan.precrop, plan.crop, flip=c.flip, crop_ok=c.crop))
         eval_ds = ImageDataset(splits.eval, eval_transform(plan.crop))
         self.train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers,
@@ -512,8 +430,8 @@ class _Training:
 
     def save(self, step: int) -> None:
         self.counters["wall_time_s"] = self.wall_before + time.perf_counter() - self.t_start
-        save_run_state(self.out / "state.pt", model=self.model, optimizer=self.optimizer, step=step,
-                       scaler=self.scaler, fingerprint=self.fingerprint, settings=self.settings, **self.counters)
+        self.rundir.save_state(model=self.model, optimizer=self.optimizer, step=step, scaler=self.scaler,
+                               fingerprint=self.fingerprint, settings=self.settings, **self.counters)
 
     def run_eval(self, done: int, log: bool = True) -> dict[str, Any]:
         c, splits = self.c, self.splits
@@ -533,7 +451,7 @@ class _Training:
             self.plotted = time.perf_counter()
         return result
 
-    def train(self, printer: _Printer, stop: StopOnSignal,
+    def train(self, progress: Progress, stop: StopOnSignal,
               on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
         """The steps from the start step to the end: update, log, evaluate and save as the settings say."""
         c, plan, counters = self.c, self.plan, self.counters
@@ -568,7 +486,9 @@ class _Training:
                 record["mixup_lambda"] = lam
             self.logger.log(record)
             self.records.append(record)
-            printer.step(done, plan.end, loss, lr, record["images_per_s"])
+            ips = record["images_per_s"]
+            progress.step(done, {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{ips:.1f}"},
+                          f"step {done}/{plan.end}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s")
             if done % self.eval_every == 0 or done == plan.end:
                 self.last_eval = self.run_eval(done)
             stopping = stop.requested is not None and done < plan.end

@@ -36,28 +36,30 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..core.atomic import write_text
 from ..core.errors import UserError, is_user_error
-from ..core.runfolder import StopOnSignal, own_folder
+from ..core.runfolder import StopOnSignal
 from ..core.validate import check_out_folder
 from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
 from ..engine.device import PRECISIONS as ALL_PRECISIONS
-from ..engine.device import autocast, check_precision, sgd, training_layout
+from ..engine.device import check_precision, sgd, training_layout
 from ..engine.metrics import JsonlLogger, read_jsonl, to_json
 from ..engine.plots import line_plot
-from ..engine.runstate import load_run_state, save_run_state
+from ..engine.progress import Progress
+from ..engine.rundir import RunDir
 from ..engine.schedule import idle_warning, piecewise_lr
+from ..engine.step import accumulate_and_step, evaluation_pass
 from ..model.checkpoints import load_state, save_checkpoint
 from ..model.factory import create_model
 from ..model.memory import check_training
@@ -72,7 +74,6 @@ SIGMOID_HEAD_BIAS = -10.0  # the initial head bias of sigmoid runs (the authors'
 PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "fp16")  # fp16 would need a gradient scaler; bf16 does not
 FULL_BATCH = 4096
 FULL_WARMUP = 5000
-STATE_FILE = "state.pt"
 FINAL_FILE = "checkpoint.safetensors"
 
 
@@ -134,6 +135,12 @@ class PretrainConfig:
     max_eval: int | None = None  # cap on held-out images per evaluation
     stop_after: int | None = None  # end this job after this update with the state saved (time-limited job slots)
 
+    # The settings that may differ between a run and its resumption: how the work is spread, not what is computed
+    # (`engine.rundir`'s one rule); every other one must equal the value saved in state.pt.
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
+        "batch_split", "fsdp", "grad_checkpointing", "workers", "device", "eval_every", "save_every", "log_every",
+        "check_images", "max_eval", "out", "stop_after"})
+
     def preset_info(self) -> Preset:
         """The Preset this config names."""
         if self.preset not in PRESETS:
@@ -171,10 +178,7 @@ class PretrainConfig:
         resolve(self.model)  # raises a ValueError listing the known names
 
 
-# Settings that may differ between a run and its resumption: how the work is spread, not what is computed.
-RESUMABLE_CHANGES = frozenset({"batch_split", "fsdp", "grad_checkpointing", "workers", "device", "eval_every",
-                               "save_every", "log_every", "check_images", "max_eval", "out",
-                               "stop_after"})
+RESUMABLE_CHANGES = PretrainConfig.RESUMABLE_CHANGES
 
 
 @dataclass(frozen=True)
@@ -297,15 +301,6 @@ def _main_first(env: dist_utils.DistEnv, fn: Callable[[], Any]) -> Any:
     raise (UserError if user else RuntimeError)(f"rank 0 stopped: {message}")
 
 
-def _check_resumable(saved: dict[str, Any], config: PretrainConfig, path: Path) -> None:
-    changed = [f"{f.name} (saved {saved.get(f.name)!r}, now {getattr(config, f.name)!r})" for f in fields(config)
-               if f.name not in RESUMABLE_CHANGES and f.name in saved and saved[f.name] != getattr(config, f.name)]
-    if changed:
-        raise UserError(f"{path} belongs to a run with other settings: {'; '.join(changed)}. Resume with the same "
-                         "settings (only the number of processes, batch split, FSDP/checkpointing, workers and "
-                         "logging may change) or choose another --out")
-
-
 def _check_warmup(saved: dict[str, Any], config: PretrainConfig, plan: Plan, path: Path) -> None:
     """Refuse to resume under another warm-up length than the run started with (the default rule changed once).
 
@@ -324,25 +319,24 @@ def evaluate(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
              loss_kind: str, precision: str, resolution: int, num_classes: int) -> dict[str, Any]:
     """Held-out loss and precision@1 over every process's share of the held-out set (a collective call)."""
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-    was_training = net.training
-    net.eval()
-    it = iter(batches)
-    with torch.no_grad():
-        while True:
-            batch = next(it, None)
-            # Lockstep: ranks may hold different numbers of batches, but FSDP needs every rank in every
-            # forward, so a rank that has run out feeds a masked dummy image until all have.
-            if not dist_utils.any_process(batch is not None, env.device):
-                break
+
+    def lockstep() -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        # Ranks may hold different numbers of batches, but FSDP needs every rank in every forward, so a rank that
+        # has run out feeds a masked dummy image until all have.
+        it = iter(batches)
+        while dist_utils.any_process((batch := next(it, None)) is not None, env.device):
             if batch is None:
-                x, y, mask = torch.zeros(1, 3, resolution, resolution), torch.zeros(1, num_classes), torch.zeros(1)
+                yield torch.zeros(1, 3, resolution, resolution), (torch.zeros(1, num_classes), torch.zeros(1))
             else:
-                (x, y), mask = batch, torch.ones(len(batch[0]))
-            with autocast(env.device, precision):
-                logits = net(x.to(env.device, non_blocking=True)).float().cpu()
-            totals += torch.stack([(example_losses(logits, y, loss_kind) * mask).sum(),
-                                   (precision_at_1(logits, y) * mask).sum(), mask.sum()]).double()
-    net.train(was_training)
+                yield batch[0], (batch[1], torch.ones(len(batch[0])))
+
+    def add(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> None:
+        nonlocal totals
+        (y, mask), logits = target, logits.float().cpu()
+        totals += torch.stack([(example_losses(logits, y, loss_kind) * mask).sum(),
+                               (precision_at_1(logits, y) * mask).sum(), mask.sum()]).double()
+
+    evaluation_pass(net, lockstep(), add, device=env.device, precision=precision)
     loss_sum, correct, count = dist_utils.all_reduce_sum(totals.to(env.device)).cpu().tolist()
     if count == 0:
         return {}
@@ -365,15 +359,16 @@ def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any
     config = replace(config, data=str(Path(config.data).expanduser().resolve()),
                      out=str(Path(config.out).expanduser().resolve()))
     env = dist_utils.init_distributed(config.device)
+    rundir = RunDir(config.out)
     try:
         with contextlib.ExitStack() as owner:
             def take_folder() -> None:
-                owner.enter_context(own_folder(config.out, "run folder"))
+                owner.enter_context(rundir.lock())
 
             # Only rank 0 locks the folder: it alone writes there, and the other ranks may run on other nodes.
             _main_first(env, take_folder)
-            stop = owner.enter_context(StopOnSignal(Path(config.out) / STATE_FILE, report=env.is_main))
-            return _run(config, env, progress, stop)
+            stop = owner.enter_context(rundir.stop_on_signal(report=env.is_main))
+            return _run(config, rundir, env, progress, stop)
     finally:
         dist_utils.cleanup()
 
@@ -387,46 +382,49 @@ def _logged_before(path: Path, steps: int) -> tuple[float | None, float | None, 
             {k: v for k, v in final.items() if k != "step"} if final else None)
 
 
-def _run(config: PretrainConfig, env: dist_utils.DistEnv, progress: bool, stop: StopOnSignal) -> dict[str, Any]:
+def _run(config: PretrainConfig, rundir: RunDir, env: dist_utils.DistEnv, progress: bool,
+         stop: StopOnSignal) -> dict[str, Any]:
     config, data, plan = _data_and_plan(config, env)
-    run = _Pretraining(config, env, data, plan)
-    if dist_utils.broadcast_object(run.state_path.is_file()):  # rank 0's view of the (shared) run folder decides
+    # Only rank 0 shows anything; messages go to standard error, as dist_utils.log's do.
+    show = Progress(("bar" if progress else "messages") if env.is_main else "nothing", desc="pre-training",
+                    unit="update", stream=sys.stderr)
+    run = _Pretraining(config, rundir, env, data, plan, show.say)
+    if dist_utils.broadcast_object(rundir.has_state()):  # rank 0's view of the (shared) run folder decides
         run.resume()
     run.open()
-    net = run.net
-    net.train()
+    run.net.train()
     stop.arm()
-    bar = tqdm(total=plan.steps, initial=run.start, desc="pre-training", unit="update",
-               disable=not (progress and env.is_main))
-    for step in range(run.start, plan.steps):
-        lr = run.update(step)
-        done = step + 1
-        bar.update(1)
-        if done % config.log_every == 0 or done == plan.steps or done == 1:
-            mean = run.log_loss(done, lr)
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}")
-        if done % plan.eval_every == 0 or done == plan.steps:
-            run.last_eval = run.eval_now(done)
-        if config.stop_after is not None and config.stop_after <= done < plan.steps:
-            run.save_state(done)
-            bar.close()
-            dist_utils.log(f"stopped after update {done} of {plan.steps} (--stop-after); the same command continues "
-                           "the run")
-            if run.logger:
-                run.logger.close()
-            return {"steps": plan.steps, "stopped_at": done, "resumed_from": run.start, "world_size": env.world_size,
-                    "final_loss": run.last_loss, "first_loss": run.first_loss}
-        # Every rank stops at the same update, whichever of them got the signal (a collective call).
-        signalled = done < plan.steps and dist_utils.any_process(stop.requested is not None, env.device)
-        if (done % plan.save_every == 0 or signalled) and done != plan.steps:
-            run.save_state(done)
-        if signalled:
-            bar.close()
-            if run.logger:
-                run.logger.close()
-            raise stop.stopped(done, plan.steps)
-    bar.close()
-    return run.finish()
+    show.start(plan.steps, run.start)
+    try:
+        for step in range(run.start, plan.steps):
+            lr = run.update(step)
+            done = step + 1
+            if done % config.log_every == 0 or done == plan.steps or done == 1:
+                mean = run.log_loss(done, lr)
+                show.step(done, {"loss": f"{mean:.4f}", "lr": f"{lr:.3g}"})
+            else:
+                show.step(done)
+            if done % plan.eval_every == 0 or done == plan.steps:
+                run.last_eval = run.eval_now(done)
+            if config.stop_after is not None and config.stop_after <= done < plan.steps:
+                run.save_state(done)
+                show.close()
+                show.say(f"stopped after update {done} of {plan.steps} (--stop-after); the same command continues "
+                         "the run")
+                return {"steps": plan.steps, "stopped_at": done, "resumed_from": run.start,
+                        "world_size": env.world_size, "final_loss": run.last_loss, "first_loss": run.first_loss}
+            # Every rank stops at the same update, whichever of them got the signal (a collective call).
+            signalled = done < plan.steps and dist_utils.any_process(stop.requested is not None, env.device)
+            if (done % plan.save_every == 0 or signalled) and done != plan.steps:
+                run.save_state(done)
+            if signalled:
+                raise stop.stopped(done, plan.steps)
+        show.close()
+        return run.finish()
+    finally:
+        show.close()
+        if run.logger:
+            run.logger.close()
 
 
 def _data_and_plan(config: PretrainConfig, env: dist_utils.DistEnv) -> tuple[PretrainConfig, Any, Plan]:
@@ -455,10 +453,11 @@ def _data_and_plan(config: PretrainConfig, env: dist_utils.DistEnv) -> tuple[Pre
 class _Pretraining:
     """A pre-training run from its model to its checkpoint, on every process: state, log, updates, evaluations."""
 
-    def __init__(self, config: PretrainConfig, env: dist_utils.DistEnv, data: Any, plan: Plan) -> None:
-        self.config, self.env, self.data, self.plan = config, env, data, plan
-        self.out = Path(config.out)
-        self.state_path = self.out / STATE_FILE
+    def __init__(self, config: PretrainConfig, rundir: RunDir, env: dist_utils.DistEnv, data: Any, plan: Plan,
+                 say: Callable[[str], None]) -> None:
+        self.config, self.rundir, self.env, self.data, self.plan, self.say = config, rundir, env, data, plan, say
+        self.out = rundir.path
+        self.state_path = rundir.state_file
         self.micro = plan.batch // env.world_size // config.batch_split
         self.metric_name = "precision@1" if data.multi_label else "top-1"
         # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
@@ -488,23 +487,26 @@ class _Pretraining:
 
         def read_state() -> tuple[int, dict[str, Any]]:
             # Nothing is drawn from the global generators after initialisation, so their state is not restored.
-            step, extra = load_run_state(path, model=holders[0], optimizer=holders[1])
+            step, extra = self.rundir.load_state(model=holders[0], optimizer=holders[1])
             if extra.get("kind") != "pretrain":
                 raise UserError(f"{path} was not written by 'bigtransfer pretrain'; choose another --out")
-            _check_resumable(extra.get("config", {}), config, path)
+            self.rundir.refuse_changes(extra.get("config", {}), asdict(config), RESUMABLE_CHANGES, where=path,
+                                       advice="resume with the same settings (only the number of processes, batch "
+                                       "split, FSDP/checkpointing, workers and logging may change) or choose "
+                                       "another --out")
             _check_warmup(extra, config, plan, path)
             return step, {"world_size": extra.get("world_size"), "pending_loss": extra.get("pending_loss")}
 
         self.start, self.extra = _main_first(self.env, read_state)  # only rank 0 reads the file; the weights are broadcast
         dist_utils.load_full_state(self.net, self.optimizer, holders[0].state, holders[1].state)
-        dist_utils.log(f"resuming {path} at update {self.start} of {plan.steps} (saved by {self.extra['world_size']} "
+        self.say(f"resuming {path} at update {self.start} of {plan.steps} (saved by {self.extra['world_size']} "
                        f"process(es), now {self.env.world_size})")
 
     def open(self) -> None:
         """config.json, the log, what the log held before the start update, and the batches from there on."""
         config, env, plan, out, start = self.config, self.env, self.plan, self.out, self.start
         if env.is_main:
-            write_text(out / "config.json", to_json({**asdict(config), "plan": asdict(plan)}, indent=2) + "\n")
+            self.rundir.write_config({**asdict(config), "plan": asdict(plan)})
         self.logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if start else None) if env.is_main else None
         self.first_loss, self.last_loss, self.logged_eval = None, None, None
         if start:
@@ -521,17 +523,13 @@ class _Pretraining:
         config, env, net = self.config, self.env, self.net
         t0 = time.perf_counter()
         lr = self.plan.lr(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        for q in range(config.batch_split):
-            x, y = next(self.batches)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            with _gradient_sync(net, config, last=q == config.batch_split - 1), autocast(env.device, config.precision):
-                loss = pretrain_loss(net(x), y, config.loss)
-            (loss / config.batch_split).backward()
-            self.local += torch.stack([loss.detach().double().cpu() * len(x), torch.tensor(float(len(x)))])
-        self.optimizer.step()
+        micro_batches = (next(self.batches) for _ in range(config.batch_split))
+        losses = accumulate_and_step(
+            net, self.optimizer, micro_batches, lambda logits, y: pretrain_loss(logits, y, config.loss),
+            device=env.device, precision=config.precision, lr=lr, divisor=config.batch_split,
+            sync=lambda q: _gradient_sync(net, config, last=q == config.batch_split - 1))
+        for loss, n in losses:
+            self.local += torch.stack([loss.double().cpu() * n, torch.tensor(float(n))])
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         if step > self.start:  # the first update of a process pays one-off costs (workers, allocator); not timed
@@ -564,10 +562,10 @@ class _Pretraining:
         # The loss summed since the last log line goes with the state, so a resumed run logs what an unbroken one would.
         pending = dist_utils.all_reduce_sum(self.local.to(env.device)).cpu().tolist()
         if env.is_main:
-            save_run_state(self.state_path, model=dist_utils.StateHolder(model_state),
-                           optimizer=dist_utils.StateHolder(optim_state), step=step, kind="pretrain",
-                           config=asdict(self.config), world_size=env.world_size, warmup=self.plan.warmup,
-                           pending_loss=pending)
+            self.rundir.save_state(model=dist_utils.StateHolder(model_state),
+                                   optimizer=dist_utils.StateHolder(optim_state), step=step, kind="pretrain",
+                                   config=asdict(self.config), world_size=env.world_size, warmup=self.plan.warmup,
+                                   pending_loss=pending)
         dist_utils.barrier()
         return model_state
 
@@ -579,7 +577,7 @@ class _Pretraining:
         if result and self.logger:
             self.logger.log({"step": step, **result})
         if result:
-            dist_utils.log(f"update {step}: held-out loss {result['eval_loss']:.4f}, {self.metric_name} "
+            self.say(f"update {step}: held-out loss {result['eval_loss']:.4f}, {self.metric_name} "
                            f"{result['eval_precision_at_1']:.4f} on {result['eval_examples']} images")
         return result
 
@@ -607,7 +605,7 @@ class _Pretraining:
             write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
             self.logger.close()
             _write_plots(out, read_jsonl(out / "metrics.jsonl"), self.metric_name)
-            dist_utils.log(f"wrote {out / FINAL_FILE}; summary in {out / 'summary.json'}")
+            self.say(f"wrote {out / FINAL_FILE}; summary in {out / 'summary.json'}")
         dist_utils.barrier()
         return dist_utils.broadcast_object(summary)
 
