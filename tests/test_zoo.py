@@ -22,12 +22,14 @@ class _Server:
 
     def __init__(self, files: dict[str, bytes], drop: frozenset[str] = frozenset()):
         self.requests: list[str] = []
+        self.paths: list[str] = []  # the full URL paths asked for
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 name = self.path.rsplit("/", 1)[-1]
                 outer.requests.append(name)
+                outer.paths.append(self.path)
                 if name not in files:
                     self.send_error(404, "Not Found")
                     return

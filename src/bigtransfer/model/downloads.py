@@ -156,7 +156,8 @@ def weights_file(info: ModelInfo, progress: bool = True) -> Path:
         return info.path
     if info.url is None:
         raise DownloadError(f"{info.name} has no released weights; pass a checkpoint path instead")
-    filename = info.url.rsplit("/", 1)[-1]
+    # The path inside the bucket: distilled and VTAB models live in its sub-folders (distill/, vtab/).
+    filename = info.url.removeprefix(BASE_URL) if info.url.startswith(BASE_URL) else info.url.rsplit("/", 1)[-1]
     return fetch(base_url() + filename, cache_dir() / filename, progress=progress, sha256=info.sha256)
 
 

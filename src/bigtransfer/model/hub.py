@@ -15,6 +15,7 @@ from ..core.errors import UserError
 from .downloads import DownloadError
 from .peers import CONFIG_FILE, HF_WEIGHT_FILES, PREPROCESSOR_FILE, arch_from_config, read_json
 from .preprocess import data_config
+from .registry import DISTILLED
 
 TIMM_ORG = "timm"
 # timm's BiT weights (spec section 7): tag -> (classes, resolution, interpolation, crop_pct).
@@ -22,11 +23,14 @@ TIMM_TAGS: dict[str, tuple[int, int, str, float]] = {
     "goog_in21k": (21843, 224, "bilinear", 0.875),
     "goog_in21k_ft_in1k": (1000, 448, "bilinear", 1.0),
 }
-TIMM_SPECIAL: dict[str, tuple[int, int, str, float]] = {
-    "resnetv2_50x1_bit.goog_distilled_in1k": (1000, 224, "bicubic", 0.875),
-    "resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k": (1000, 224, "bicubic", 0.875),
-    "resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k_384": (1000, 384, "bicubic", 1.0),
+# timm's copies of the distillation release; their settings are those of the release's names (registry.DISTILLED).
+TIMM_DISTILLED = {
+    "resnetv2_50x1_bit.goog_distilled_in1k": "distill/R50x1_224",
+    "resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k": "distill/R152x2_T_224",
+    "resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k_384": "distill/R152x2_T_384",
 }
+TIMM_SPECIAL: dict[str, tuple[int, int, str, float]] = {
+    timm: (1000, DISTILLED[name][1], "bicubic", DISTILLED[name][2]) for timm, name in TIMM_DISTILLED.items()}
 TIMM_ARCHS = ("50x1", "50x3", "101x1", "101x3", "152x2", "152x4")
 # HF transformers repositories known without asking the hub: name -> (architecture, classes).
 HF_KNOWN = {"google/bit-50": ("R50x1", 1000)}
