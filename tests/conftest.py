@@ -10,6 +10,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Never touch the user's real download cache from a test."""
+    """Never touch the user's real download cache from a test, nor time kernels (tests that do inject a timer)."""
     monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("BIGTRANSFER_OFFLINE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")

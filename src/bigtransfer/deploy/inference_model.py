@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from ..engine.device import PRECISIONS, check_precision
+from ..model import kernelcal
+from ..model.gemmconv import ConvKey, kernel_choices, recording_convs
 from ..model.resnetv2 import PlainConv2d, ResNetV2, StdConv2d
 
 
@@ -107,8 +110,12 @@ class InferenceModel(nn.Module):
         self.dtype = PRECISIONS[precision]
         # Channels-last: oneDNN's convolutions and max-pool measured 1.3-2x faster than NCHW on this model
         # (benchmarks/RESULTS.md), and it is cuDNN's tensor-core layout.
+        # None on a CPU in fp32: the first call's calibration (bigtransfer.model.kernelcal) may switch to NCHW.
         self.channels_last = True if channels_last is None else bool(channels_last)
+        self._auto_layout = channels_last is None
         self.compile = compile
+        # Input shape -> the calibrated GEMM choice per convolution shape (see _kernel_choices).
+        self._plans: dict[tuple[int, ...], dict[ConvKey, bool]] = {}
         # Kept outside the module tree so state_dict() and parameters() don't repeat the source's weights.
         self.__dict__["source"] = model
         self.frozen: ResNetV2 = None  # type: ignore[assignment]  # set by refresh()
@@ -174,11 +181,38 @@ class InferenceModel(nn.Module):
             self._compiled[features] = _frozen_compile(fn)
         return self._compiled[features]
 
+    @property
+    def _calibrates(self) -> bool:
+        # The GEMM path exists for fp32 on CPUs only; a compiled graph runs inductor's kernels, not this dispatch.
+        return (self.dtype is torch.float32 and not self.compile and kernelcal.enabled()
+                and next(self.source.parameters()).device.type == "cpu")
+
+    def _kernel_choices(self, x: torch.Tensor, fn) -> dict[ConvKey, bool]:
+        """The calibrated kernel per convolution for inputs shaped like `x`; the first shape also picks the layout.
+
+        One forward pass records the convolution shapes, kernelcal times those not cached yet, and the layout
+        and GEMM choices follow; the layout is chosen once only, since a refill keeps the copy's layout.
+        """
+        shape = tuple(x.shape)
+        if shape not in self._plans:
+            layouts = (True, False) if self._auto_layout and not self._plans else (self.channels_last,)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), recording_convs() as seen:
+                fn(x)
+            plan = kernelcal.plan(seen, layouts)
+            if plan.channels_last != self.channels_last:
+                self.channels_last = plan.channels_last
+                self.frozen.to(memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
+            self._plans[shape] = plan.gemm
+        return self._plans[shape]
+
     def _run(self, x: torch.Tensor, features: bool) -> torch.Tensor:
         fn = self._function(features)
+        choices = self._kernel_choices(x, fn) if self._calibrates and x.dim() == 4 else None
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
+        with torch.no_grad(), kernel_choices(choices) if choices is not None else contextlib.nullcontext():
             if self.dtype is torch.float32:
                 y = fn(x)
             elif self._autocast:
@@ -202,7 +236,9 @@ def prepare_for_inference(model: ResNetV2, precision: str = "fp32", channels_las
     """A fast eval-only module computing the same logits and features as `model` (float32 in, float32 out).
 
     precision: "fp32" (within 1e-4 relative of the model), "bf16" or "fp16" (reduced-precision compute).
-    channels_last: memory layout of the frozen copy; None picks the faster one (channels-last).
+    channels_last: memory layout of the frozen copy; None picks the faster one: on a CPU in fp32, by timing the
+    model's convolution shapes on the first call of each input shape (bigtransfer.model.kernelcal, cached on disk;
+    BIGTRANSFER_CALIBRATE=0 turns it off), elsewhere channels-last.
     compile: also torch.compile the frozen copy (slow first call; recompiles after a weight change).
     """
     fast = InferenceModel(model, precision, channels_last, compile)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
+
+# A convolution as the dispatch sees it: (batch, in channels, height, width, out channels, kernel, stride, padding).
+ConvKey = tuple[int, int, int, int, int, int, int, int]
 
 
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:
@@ -92,23 +99,73 @@ GEMM_MAX_POSITIONS: dict[tuple[int, int, bool], int] = {
 }
 
 
-def prefers_gemm(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
-    """Whether this convolution runs faster as a GEMM than as a oneDNN convolution here."""
-    k = weight.shape[-1]
-    backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    limit = GEMM_MAX_POSITIONS.get((k, stride, backward), 0)
-    if not limit or padding != k // 2 or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+# Per-shape choices measured on this machine (bigtransfer.model.kernelcal), in force inside kernel_choices();
+# context variables, so concurrent threads running different models don't see each other's choices.
+_CHOICES: ContextVar[Mapping[ConvKey, bool] | None] = ContextVar("gemm_choices", default=None)
+_SEEN: ContextVar[list[ConvKey] | None] = ContextVar("seen_convs", default=None)
+
+
+def conv_key(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> ConvKey:
+    """The shape of one convolution call, the key of a calibrated choice."""
+    n, c, h, w = x.shape
+    return (n, c, h, w, weight.shape[0], weight.shape[-1], stride, padding)
+
+
+@contextlib.contextmanager
+def kernel_choices(choices: Mapping[ConvKey, bool]) -> Iterator[None]:
+    """Inside: a forward-only convolution whose shape is in `choices` runs as a GEMM exactly when it says True."""
+    token = _CHOICES.set(choices)
+    try:
+        yield
+    finally:
+        _CHOICES.reset(token)
+
+
+@contextlib.contextmanager
+def recording_convs() -> Iterator[list[ConvKey]]:
+    """Inside: every convolution that goes through conv2d() appends its key to the yielded list."""
+    seen: list[ConvKey] = []
+    token = _SEEN.set(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN.reset(token)
+
+
+def gemm_applies(x: torch.Tensor, weight: torch.Tensor, padding: int) -> bool:
+    """Whether the GEMM path can run this convolution at all (and its patch matrix of a 1x1 kernel is a view)."""
+    if padding != weight.shape[-1] // 2 or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
     # Only on channels-last maps, where the patch matrix of a 1x1 kernel is a view, not a copy.
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def prefers_gemm(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
+    """Whether this convolution runs faster as a GEMM than as a oneDNN convolution here.
+
+    A forward-only call whose shape was calibrated (inside kernel_choices) follows the measurement; everything
+    else follows GEMM_MAX_POSITIONS, the deterministic rule.
+    """
+    if not gemm_applies(x, weight, padding):
         return False
+    backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    choices = _CHOICES.get()
+    if choices is not None and not backward:
+        choice = choices.get(conv_key(x, weight, stride, padding))
+        if choice is not None:
+            return choice
+    k = weight.shape[-1]
+    limit = GEMM_MAX_POSITIONS.get((k, stride, backward), 0)
     return _out_size(x.shape[2], k, stride, padding) * _out_size(x.shape[3], k, stride, padding) <= limit
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
     """A bias-free, ungrouped square convolution, run by whichever of GEMM or oneDNN is faster for its shape."""
+    seen = _SEEN.get()
+    if seen is not None:
+        seen.append(conv_key(x, weight, stride, padding))
     if prefers_gemm(x, weight, stride, padding):
         return gemm_conv2d(x, weight, stride, padding)
     return F.conv2d(x, weight, None, stride, padding)

@@ -1,0 +1,192 @@
+"""Which convolution kernel each layer shape runs fastest with on the machine at hand, measured and cached on disk.
+
+The GEMM thresholds in `gemmconv.GEMM_MAX_POSITIONS` and the channels-last default were measured on one Intel
+CPU; on another CPU the ranking of oneDNN's convolutions against one matrix product changes. So, as cuDNN's
+benchmark mode does, the inference path times each convolution shape it meets three ways (F.conv2d on NCHW maps,
+F.conv2d on channels-last maps, the GEMM path on channels-last maps) and keeps the fastest. The times are cached
+as JSON per CPU model, torch version and thread count; set BIGTRANSFER_CALIBRATE=0 to skip all of it and use the
+deterministic rule (GEMM_MAX_POSITIONS, channels-last).
+
+Never slower than plain F.conv2d on the same layout, by construction: a layer goes to the GEMM path only when its
+GEMM time was below its F.conv2d time on that layout, and a layout is chosen only when its total (each layer at
+its chosen kernel) is the lowest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..core.atomic import write_text
+from .gemmconv import ConvKey, gemm_applies, gemm_conv2d
+
+ENV = "BIGTRANSFER_CALIBRATE"
+FORMAT = 1
+CANDIDATES = ("nchw", "cl", "gemm")  # gemm: on channels-last maps; None where it does not apply
+# Timer: (the call to time, (candidate, shape)) -> seconds. The label lets a test answer without timing anything.
+Timer = Callable[[Callable[[], object], tuple[str, ConvKey]], float]
+Times = dict[ConvKey, dict[str, float | None]]
+
+
+def enabled() -> bool:
+    """False when BIGTRANSFER_CALIBRATE is 0/false/no/off: the deterministic rule then decides."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def wall_time(fn: Callable[[], object], label: tuple[str, ConvKey], budget_s: float = 0.005, most: int = 5) -> float:
+    """Best wall time of `fn` over at least 2 and at most `most` calls within about `budget_s`, after one warm-up."""
+    fn()  # the first call allocates and lets oneDNN pick its kernel for the shape
+    best, spent, reps = math.inf, 0.0, 0
+    while reps < 2 or (spent < budget_s and reps < most):
+        start = time.perf_counter()
+        fn()
+        took = time.perf_counter() - start
+        best, spent, reps = min(best, took), spent + took, reps + 1
+    return best
+
+
+def measure(key: ConvKey, timer: Timer | None = None) -> dict[str, float | None]:
+    """Seconds per call of this convolution shape with each candidate kernel (random fp32 data, forward only)."""
+    timer = timer or wall_time
+    n, cin, h, w, cout, k, stride, pad = key
+    x = torch.randn(n, cin, h, w)
+    weight = torch.randn(cout, cin, k, k)
+    x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        times: dict[str, float | None] = {
+            "nchw": timer(lambda: F.conv2d(x, weight, None, stride, pad), ("nchw", key)),
+            "cl": timer(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), ("cl", key)),
+            "gemm": None,
+        }
+        if gemm_applies(x_cl, w_cl, pad):
+            times["gemm"] = timer(lambda: gemm_conv2d(x_cl, w_cl, stride, pad), ("gemm", key))
+    return times
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The layout of the whole model and, per convolution shape, whether it runs as a GEMM."""
+
+    channels_last: bool
+    gemm: dict[ConvKey, bool]
+    seconds: float  # the convolutions' summed time under this plan, per forward pass
+
+
+def _layer_time(t: Mapping[str, float | None], channels_last: bool) -> tuple[float, bool]:
+    """(time, use GEMM) of one layer on one layout: the GEMM only where it measured faster than F.conv2d."""
+    if not channels_last:
+        return t["nchw"], False  # type: ignore[return-value]
+    gemm = t["gemm"]
+    if gemm is not None and gemm < t["cl"]:  # type: ignore[operator]
+        return gemm, True
+    return t["cl"], False  # type: ignore[return-value]
+
+
+def choose(counts: Mapping[ConvKey, int], times: Times, layouts: Iterable[bool] = (True, False)) -> Plan:
+    """The fastest plan among `layouts` (True: channels-last), each layer at its faster kernel on that layout."""
+    best: Plan | None = None
+    for channels_last in layouts:  # first listed wins a tie: channels-last, the measured default
+        total, gemm = 0.0, {}
+        for key, count in counts.items():
+            seconds, gemm[key] = _layer_time(times[key], channels_last)
+            total += count * seconds
+        if best is None or total < best.seconds:
+            best = Plan(channels_last, gemm, total)
+    if best is None:
+        raise ValueError("choose() needs at least one layout")
+    return best
+
+
+def machine() -> dict[str, str | int]:
+    """What the cached times are valid for: CPU model, torch version, thread count."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"model name\s*:\s*(.*)", f.read())
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def cache_file(info: Mapping[str, str | int] | None = None) -> Path:
+    """The cache file for this machine, under the download cache ($BIGTRANSFER_CACHE or ~/.cache/bigtransfer)."""
+    # Imported here: downloads pulls in tqdm and the registry, which the inference path otherwise doesn't need.
+    from .downloads import cache_dir
+
+    digest = hashlib.sha256(json.dumps(info or machine(), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"conv-{digest}.json"
+
+
+def _parse_times(doc: object, info: Mapping[str, str | int]) -> Times:
+    """The times in a cache document; ValueError naming the first problem (it is data only, never code)."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("times"), dict):
+        raise ValueError(f"not a format-{FORMAT} calibration file")
+    if doc.get("machine") != dict(info):
+        raise ValueError("it was measured on another machine, torch version or thread count")
+    times: Times = {}
+    for text, entry in doc["times"].items():
+        key = tuple(int(v) for v in text.split(",")) if re.fullmatch(r"\d+(,\d+){7}", text) else None
+        if key is None or not isinstance(entry, dict) or set(entry) != set(CANDIDATES):
+            raise ValueError(f"bad entry {text!r}")
+        for name, value in entry.items():
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            if not ok and not (name == "gemm" and value is None):
+                raise ValueError(f"bad time {value!r} for {name} in entry {text!r}")
+        times[key] = {name: None if v is None else float(v) for name, v in entry.items()}  # type: ignore[index]
+    return times
+
+
+def load(path: Path, info: Mapping[str, str | int]) -> Times:
+    """Cached times from `path`; a missing file gives none, a damaged or foreign one is ignored with a warning."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        warnings.warn(f"{path}: cannot read the kernel calibration cache ({e}); measuring again", stacklevel=2)
+        return {}
+    try:
+        return _parse_times(json.loads(text), info)
+    except ValueError as e:  # json.JSONDecodeError is a ValueError too
+        warnings.warn(f"{path}: ignoring the kernel calibration cache ({e}); measuring again", stacklevel=2)
+        return {}
+
+
+def save(path: Path, info: Mapping[str, str | int], times: Times) -> None:
+    """Write the times atomically; a cache that cannot be written only costs a new calibration next time."""
+    doc = {"format": FORMAT, "machine": dict(info),
+           "times": {",".join(map(str, key)): value for key, value in sorted(times.items())}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(doc, indent=1))
+    except OSError as e:
+        warnings.warn(f"{path}: cannot write the kernel calibration cache ({e})", stacklevel=2)
+
+
+def plan(keys: Iterable[ConvKey], layouts: Iterable[bool] = (True, False), timer: Timer | None = None) -> Plan:
+    """The plan for one forward pass that runs the convolutions `keys` (with repeats): cached times, the missing
+    shapes measured now and added to the cache."""
+    counts = Counter(keys)
+    info = machine()
+    path = cache_file(info)
+    times = load(path, info)
+    missing = [key for key in counts if key not in times]
+    for key in missing:
+        times[key] = measure(key, timer)
+    if missing:
+        save(path, info, times)
+    return choose(counts, times, tuple(layouts))

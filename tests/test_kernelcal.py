@@ -1,0 +1,151 @@
+"""Kernel calibration: the choice follows the (fake) timer, is never slower than F.conv2d on its layout, is cached
+as JSON per machine, a damaged cache is ignored with a warning, and the env var turns it off."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from bigtransfer.deploy.inference_model import prepare_for_inference
+from bigtransfer.model import gemmconv, kernelcal
+from bigtransfer.model.resnetv2 import ResNetV2
+
+A = (2, 8, 4, 4, 16, 1, 1, 0)  # a 1x1 conv on a 4x4 map
+B = (2, 8, 8, 8, 8, 3, 2, 1)  # a strided 3x3
+
+
+def fake_timer(table: dict, calls: list | None = None) -> kernelcal.Timer:
+    """Answers from `table[(candidate, key)]` without running anything."""
+    def timer(fn, label):
+        if calls is not None:
+            calls.append(label)
+        return table[label]
+    return timer
+
+
+def test_choice_follows_the_timer():
+    times = {A: {"nchw": 5.0, "cl": 3.0, "gemm": 1.0}, B: {"nchw": 2.0, "cl": 4.0, "gemm": 6.0}}
+    # channels-last: A at 1 (GEMM) + 2 x B at 4 = 9; NCHW: 5 + 2 x 2 = 9 -> tie, channels-last listed first wins.
+    plan = kernelcal.choose({A: 1, B: 2}, times)
+    assert plan.channels_last and plan.gemm == {A: True, B: False} and plan.seconds == 9.0
+    # Three B layers tip it to NCHW (5 + 3 x 2 = 11 against 1 + 3 x 4 = 13), where nothing is a GEMM.
+    plan = kernelcal.choose({A: 1, B: 3}, times)
+    assert not plan.channels_last and plan.gemm == {A: False, B: False} and plan.seconds == 11.0
+    # A fixed layout is honoured even when the other would be faster.
+    assert kernelcal.choose({A: 1, B: 3}, times, layouts=(True,)).channels_last
+
+
+def test_never_slower_than_plain_conv_on_the_same_layout():
+    """By construction, for any timings: each layer's chosen time <= F.conv2d's on the chosen layout."""
+    rng = random.Random(0)
+    keys = [A, B, (1, 4, 2, 2, 4, 3, 1, 1)]
+    for _ in range(200):
+        times = {k: {"nchw": rng.uniform(1, 9), "cl": rng.uniform(1, 9),
+                     "gemm": rng.choice([None, rng.uniform(1, 9)])} for k in keys}
+        counts = {k: rng.randint(1, 4) for k in keys}
+        plan = kernelcal.choose(counts, times)
+        conv_only = {cl: sum(c * times[k]["cl" if cl else "nchw"] for k, c in counts.items()) for cl in (True, False)}
+        assert plan.seconds <= min(conv_only.values())
+        for k in keys:
+            plain = times[k]["cl" if plan.channels_last else "nchw"]
+            chosen = times[k]["gemm"] if plan.gemm[k] else plain
+            assert chosen <= plain
+            assert not plan.gemm[k] or (plan.channels_last and times[k]["gemm"] < plain)
+
+
+def test_measure_times_each_candidate_once_and_only_where_the_gemm_applies():
+    calls = []
+    table = {(c, k): 1.0 for c in kernelcal.CANDIDATES for k in (A, (2, 8, 8, 8, 8, 3, 2, 0))}
+    assert kernelcal.measure(A, fake_timer(table, calls)) == {"nchw": 1.0, "cl": 1.0, "gemm": 1.0}
+    assert sorted(calls) == sorted([("nchw", A), ("cl", A), ("gemm", A)])
+    # Padding 0 on a 3x3 ('SAME' padded beforehand) is not a shape the GEMM path computes.
+    assert kernelcal.measure((2, 8, 8, 8, 8, 3, 2, 0), fake_timer(table))["gemm"] is None
+
+
+def test_plan_caches_per_machine_and_measures_only_new_shapes(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    table = {(c, k): t for k in (A, B) for c, t in zip(kernelcal.CANDIDATES, (3.0, 2.0, 1.0), strict=True)}
+    calls = []
+    plan = kernelcal.plan([A, A], timer=fake_timer(table, calls))
+    assert plan.gemm == {A: True} and len(calls) == 3
+    path = kernelcal.cache_file()
+    doc = json.loads(path.read_text())
+    assert doc["machine"] == kernelcal.machine() and doc["times"] == {"2,8,4,4,16,1,1,0": {"nchw": 3.0, "cl": 2.0,
+                                                                                          "gemm": 1.0}}
+    calls.clear()
+    kernelcal.plan([A, B], timer=fake_timer(table, calls))
+    assert {key for _, key in calls} == {B}  # A came from the cache
+    # Another thread count is another machine: its own file.
+    other = dict(kernelcal.machine(), threads=kernelcal.machine()["threads"] + 1)
+    assert kernelcal.cache_file(other) != path
+
+
+@pytest.mark.parametrize("content", [
+    "{not json", '{"format": 1, "machine": {}, "times": {}}', "[1, 2]",
+    '{"format": 1, "machine": MACHINE, "times": {"1,2,3": {"nchw": 1, "cl": 1, "gemm": 1}}}',
+    '{"format": 1, "machine": MACHINE, "times": {"2,8,4,4,16,1,1,0": {"nchw": -1, "cl": 1, "gemm": 1}}}',
+    '{"format": 1, "machine": MACHINE, "times": {"2,8,4,4,16,1,1,0": {"nchw": "__import__", "cl": 1, "gemm": 1}}}',
+])
+def test_damaged_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    path = kernelcal.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text(content.replace("MACHINE", json.dumps(kernelcal.machine())))
+    table = {(c, A): 1.0 for c in kernelcal.CANDIDATES}
+    calls = []
+    with pytest.warns(UserWarning, match="ignoring the kernel calibration cache"):
+        kernelcal.plan([A], timer=fake_timer(table, calls))
+    assert len(calls) == 3
+    assert json.loads(path.read_text())["format"] == kernelcal.FORMAT  # replaced by a good one
+
+
+def test_unwritable_cache_only_warns(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(blocker))  # a file where the folder should be
+    table = {(c, A): 1.0 for c in kernelcal.CANDIDATES}
+    with pytest.warns(UserWarning, match="cannot write"):
+        assert kernelcal.plan([A], timer=fake_timer(table)).channels_last
+
+
+def _timer_preferring(prefer: str) -> kernelcal.Timer:
+    return lambda fn, label: 1.0 if label[0] == prefer else 2.0
+
+
+def test_prepare_for_inference_uses_the_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = ResNetV2("R14x0.5", 10, zero_head=False).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = model(x)
+    gemm_calls = []
+    real_gemm = gemmconv.gemm_conv2d
+    monkeypatch.setattr(gemmconv, "gemm_conv2d", lambda *a: gemm_calls.append(1) or real_gemm(*a))
+    for prefer, channels_last, gemms in (("gemm", True, True), ("nchw", False, False), ("cl", True, False)):
+        monkeypatch.setattr(kernelcal, "wall_time", _timer_preferring(prefer))
+        kernelcal.cache_file().unlink(missing_ok=True)
+        fast = prepare_for_inference(model)
+        fast(x)  # calibrates: one recording pass under the rule, then the plan
+        gemm_calls.clear()
+        out = fast(x)
+        assert fast.channels_last == channels_last
+        assert fast.frozen.stages[0][0].conv2.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert bool(gemm_calls) == gemms
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+    # A chosen layout is kept: calibration then only decides GEMM or not on it.
+    monkeypatch.setattr(kernelcal, "wall_time", _timer_preferring("nchw"))
+    kernelcal.cache_file().unlink()
+    assert prepare_for_inference(model, channels_last=True)(x).shape == (2, 10)
+
+
+def test_env_var_turns_calibration_off(monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")
+    monkeypatch.setattr(kernelcal, "plan", lambda *a, **k: pytest.fail("calibrated although turned off"))
+    fast = prepare_for_inference(ResNetV2("R14x0.5", 10).eval())
+    fast(torch.rand(1, 3, 32, 32))
+    assert fast.channels_last  # the deterministic rule: channels-last, GEMM_MAX_POSITIONS
