@@ -149,3 +149,16 @@ def test_env_var_turns_calibration_off(monkeypatch):
     fast = prepare_for_inference(ResNetV2("R14x0.5", 10).eval())
     fast(torch.rand(1, 3, 32, 32))
     assert fast.channels_last  # the deterministic rule: channels-last, GEMM_MAX_POSITIONS
+
+
+def test_training_evaluations_never_depend_on_timings(monkeypatch):
+    """A run's logged evaluations use the shape rule, so a resumed run logs exactly what a straight one does."""
+    from bigtransfer.transfer.finetune import evaluate
+
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setattr(kernelcal, "plan", lambda *a, **k: pytest.fail("a training run's evaluation calibrated"))
+    model = ResNetV2("R14x0.5", 3)
+    result = evaluate(model, [(torch.rand(2, 3, 32, 32), torch.tensor([0, 1]))], 3)
+    assert result["examples"] == 2
+    assert not prepare_for_inference(model, calibrate=False).calibrate
+    assert prepare_for_inference(model).calibrate  # the env var allows it, and nothing said otherwise

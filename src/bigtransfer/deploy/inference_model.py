@@ -101,7 +101,7 @@ class InferenceModel(nn.Module):
     """
 
     def __init__(self, model: ResNetV2, precision: str = "fp32", channels_last: bool | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, calibrate: bool | None = None) -> None:
         super().__init__()
         if not isinstance(model, ResNetV2):
             raise TypeError(f"prepare_for_inference needs a bigtransfer ResNetV2, not {type(model).__name__}")
@@ -114,6 +114,7 @@ class InferenceModel(nn.Module):
         self.channels_last = True if channels_last is None else bool(channels_last)
         self._auto_layout = channels_last is None
         self.compile = compile
+        self.calibrate = kernelcal.enabled() if calibrate is None else bool(calibrate)
         # Input shape -> the calibrated GEMM choice per convolution shape (see _kernel_choices).
         self._plans: dict[tuple[int, ...], dict[ConvKey, bool]] = {}
         # Kept outside the module tree so state_dict() and parameters() don't repeat the source's weights.
@@ -184,7 +185,7 @@ class InferenceModel(nn.Module):
     @property
     def _calibrates(self) -> bool:
         # The GEMM path exists for fp32 on CPUs only; a compiled graph runs inductor's kernels, not this dispatch.
-        return (self.dtype is torch.float32 and not self.compile and kernelcal.enabled()
+        return (self.dtype is torch.float32 and not self.compile and self.calibrate
                 and next(self.source.parameters()).device.type == "cpu")
 
     def _kernel_choices(self, x: torch.Tensor, fn) -> dict[ConvKey, bool]:
@@ -232,16 +233,18 @@ class InferenceModel(nn.Module):
 
 
 def prepare_for_inference(model: ResNetV2, precision: str = "fp32", channels_last: bool | None = None,
-                          compile: bool = False) -> InferenceModel:
+                          compile: bool = False, calibrate: bool | None = None) -> InferenceModel:
     """A fast eval-only module computing the same logits and features as `model` (float32 in, float32 out).
 
     precision: "fp32" (within 1e-4 relative of the model), "bf16" or "fp16" (reduced-precision compute).
     channels_last: memory layout of the frozen copy; None picks the faster one: on a CPU in fp32, by timing the
     model's convolution shapes on the first call of each input shape (bigtransfer.model.kernelcal, cached on disk;
     BIGTRANSFER_CALIBRATE=0 turns it off), elsewhere channels-last.
+    calibrate: whether to time kernels (see channels_last); None: unless BIGTRANSFER_CALIBRATE=0. False gives
+    results that depend on the shapes only (GEMM_MAX_POSITIONS), never on timings.
     compile: also torch.compile the frozen copy (slow first call; recompiles after a weight change).
     """
-    fast = InferenceModel(model, precision, channels_last, compile)
+    fast = InferenceModel(model, precision, channels_last, compile, calibrate)
     device = next(model.parameters()).device
     if not native_precision(precision, device):
         warnings.warn(f"{precision} on this {device.type} has no matrix-unit support and is emulated: "

@@ -154,7 +154,7 @@ def load(path: Path, info: Mapping[str, str | int]) -> Times:
     """Cached times from `path`; a missing file gives none, a damaged or foreign one is ignored with a warning."""
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no cache yet (or no folder where it would be)
         return {}
     except (OSError, UnicodeDecodeError) as e:
         warnings.warn(f"{path}: cannot read the kernel calibration cache ({e}); measuring again", stacklevel=2)

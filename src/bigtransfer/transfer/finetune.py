@@ -229,10 +229,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
     """Loss, top-1, top-5, per-class accuracy and confusion matrix of a model over a loader."""
     ev = Evaluation(num_classes)
     # fp32: the inference fast path (kernels standardized once for the whole pass, channels-last, the
-    # forward-only GEMM rule); reduced precisions keep the training run's own autocast recipe.
+    # forward-only GEMM rule); reduced precisions keep the training run's own autocast recipe. Not calibrated:
+    # a run's logged evaluations must not depend on timings (a resumed run logs what a straight one does).
     fast = precision == "fp32" and isinstance(model, ResNetV2)
     seconds = evaluation_pass(model, loader, ev.update, device=device or torch.device("cpu"), precision=precision,
-                              forward=prepare_for_inference if fast else None)
+                              forward=(lambda m: prepare_for_inference(m, calibrate=False)) if fast else None)
     result = ev.result()
     result["seconds"] = seconds
     return result
