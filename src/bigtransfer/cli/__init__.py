@@ -1,9 +1,9 @@
 """The `bigtransfer` command line: one sub-module per verb, each with register() and run().
 
-Building the parser imports every verb module, so a verb whose machinery is not loaded by the package itself
-imports it inside run(): loading every layer for `bigtransfer --help` would slow each start. finetune and
-pretrain import theirs at the top (their configs give the options' defaults, see options.py; the package and
-`pretrain`'s option choices load those modules anyway).
+Building the parser imports every verb module, so a verb imports at its top only its config (the `config` modules,
+which do not load torch; options.py generates the options from their fields) and the machinery it runs inside
+run(): `bigtransfer --help` must not wait for torch (benchmarks/bench_cli_startup.py; tests/test_cli_options.py
+fails if building the parser loads torch or numpy).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import UserError
+from .options import add_quiet
 from .predict import add_model_options, check_resolution, input_config, input_files, report_skip
 
 HELP = "Compute pre-logit features (N x 2048*width) for every image under a folder; writes .npy + file list."
@@ -19,7 +20,7 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="features file to write (.npy); the file list goes to "
                                                             "<out stem>.files.txt beside it, one name per line as "
                                                             "the file system stores it (bytes, usually UTF-8)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet(p, "no progress bar")
 
 
 def files_list_path(out: Path) -> Path:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     size = config["input_size"][1]
 
     emb = embed_files(model, files, config, batch_size=args.batch, workers=args.workers, precision=args.precision,
-                      device=args.device, progress=not args.no_progress, on_skip=report_skip)
+                      device=args.device, progress=not args.quiet, on_skip=report_skip)
     if not emb.files:
         print(f"none of the {len(files)} files could be decoded; nothing written", file=sys.stderr)
         return 1

@@ -7,6 +7,8 @@ import sys
 
 from ..core.errors import UserError
 from ..core.paths import shown
+from ..engine.precision import UNSCALED_PRECISIONS
+from .options import resolution_from
 
 HELP = "Classify images (files or folders) with a model: top-k labels with softmax scores."
 
@@ -18,16 +20,21 @@ def add_model_options(p: argparse.ArgumentParser,
     """--model/--weights/--resolution/--precision/--batch/--workers/--device, shared by the inference verbs."""
     p.add_argument("--model", help="model name (see 'bigtransfer models'); optional when --weights is given")
     p.add_argument("--weights", help="checkpoint file (.safetensors, .npz, .pt/.pth/.bin)")
-    p.add_argument("--resolution", type=int, metavar="R",
-                   help=f"squash-resize images to R x R (default: {resolution_default})")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="inference precision (default fp32)")
+    p.add_argument("--resolution", type=int, nargs="+", metavar="N",
+                   help=f"CROP (PRECROP CROP is accepted when equal: no pre-crop here): squash-resize images to "
+                        f"CROP x CROP (default: {resolution_default})")
+    p.add_argument("--precision", choices=UNSCALED_PRECISIONS, default="fp32", help="inference precision (default "
+                                                                                    "fp32)")
     p.add_argument("--batch", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: one per core, at most 8)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
 
 
 def check_resolution(args: argparse.Namespace) -> None:
-    """Refuse a --resolution below 1 before anything is loaded."""
+    """Turn --resolution's numbers into one size (`options.resolution_from`); refuse one below 1 before anything is
+    loaded."""
+    if isinstance(args.resolution, list):
+        args.resolution = resolution_from(args.resolution, precrop=False)
     if args.resolution is not None and args.resolution < 1:
         raise UserError(f"--resolution must be positive, got {args.resolution}")
 

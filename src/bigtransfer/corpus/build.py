@@ -26,65 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.atomic import write_text
-from ..core.errors import UserError
 from ..data.shards import ShardWriter, derive_seed
+from .config import APT_COMMAND, APT_PACKAGES, SOURCES, CorpusConfig, CorpusError  # noqa: F401 - re-exported
 from .fonts import Font, FontError, builtin_font, find_fonts, font_codepoints, open_font
 from .render import Shape, encode, render_view, signature
 from .sources import Candidate, emoji_candidates, glyph_candidates, icon_candidates, svg_renderer
-
-SOURCES = ("icons", "emoji", "glyphs")
-# Debian packages the full corpus is drawn from (see docs/corpus.md); none is needed for a glyphs-only corpus.
-APT_PACKAGES = ("papirus-icon-theme", "adwaita-icon-theme", "librsvg2-bin", "fonts-noto-color-emoji",
-                "fonts-noto-core", "fonts-dejavu", "fonts-liberation", "fonts-freefont-ttf")
-APT_COMMAND = "apt-get update && apt-get install -y " + " ".join(APT_PACKAGES)
-
-
-class CorpusError(UserError, RuntimeError):
-    """A corpus that cannot be built as asked; the message says why and what to install or change."""
-
-
-@dataclass
-class CorpusConfig:
-    """Everything that decides a corpus; saved as config.json inside it."""
-
-    out: str
-    sources: list[str] = field(default_factory=lambda: list(SOURCES))
-    max_classes: int = 4500
-    views_per_class: int = 80
-    val_views_per_class: int = 3
-    size: int = 64
-    shard_size: int = 2000
-    seed: int = 0
-    image_format: str = "jpg"
-    jpeg_quality: int = 90
-    styles_per_class: int = 8  # fonts of a glyph, themes/variants of an icon
-    icon_themes: list[str] = field(default_factory=lambda: ["/usr/share/icons/Papirus", "/usr/share/icons/Adwaita"])
-    font_dirs: list[str] = field(default_factory=lambda: ["/usr/share/fonts"])
-    emoji_font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-    dedupe_threshold: float = 0.02  # mean absolute difference of 24x24 signatures below which shapes are the same
-    min_tag_count: int = 5  # a name word becomes a label when this many classes share it ...
-    max_tag_share: float = 0.05  # ... and at most this share of all classes does
-    workers: int = 1
-
-    def check(self) -> None:
-        """Raise CorpusError for settings that cannot work."""
-        unknown = [s for s in self.sources if s not in SOURCES]
-        if unknown or not self.sources:
-            raise CorpusError(f"unknown source(s) {unknown or '(none)'}; choose from {', '.join(SOURCES)}")
-        for name in ("max_classes", "views_per_class", "shard_size", "styles_per_class", "workers"):
-            if getattr(self, name) < 1:
-                raise CorpusError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.val_views_per_class < 0:
-            raise CorpusError(f"val_views_per_class must be at least 0, got {self.val_views_per_class}")
-        if not 16 <= self.size <= 512:
-            raise CorpusError(f"size must be between 16 and 512 pixels, got {self.size}")
-        if self.image_format not in ("jpg", "png"):
-            raise CorpusError(f"image_format must be jpg or png, got {self.image_format!r}")
-
-    @property
-    def shape_px(self) -> int:
-        """Resolution the shapes are drawn at before views shrink them (1.5x the view, for clean resampling)."""
-        return max(48, round(self.size * 1.5))
 
 
 @dataclass
@@ -273,7 +219,7 @@ def write_split(folder: Path, split: int, views: int, chosen: list[ChosenClass],
 
 def build_corpus(cfg: CorpusConfig, overwrite: bool = False) -> dict[str, Any]:
     """Build the corpus described by cfg into cfg.out; return its statistics (also saved as stats.json)."""
-    cfg.check()
+    cfg.validate()
     out = Path(cfg.out)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise CorpusError(f"{out}: already exists; choose a new folder or pass --overwrite")

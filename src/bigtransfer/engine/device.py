@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from ..core.errors import SetupError, UserError
+from .precision import PRECISION_DTYPES, check_precision
 
-# Every precision a run, an evaluation or the inference path can be asked for, and the dtype it computes in.
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The precision table (engine/precision.py) with the dtypes themselves.
+PRECISIONS: dict[str, torch.dtype] = {name: getattr(torch, dtype) for name, dtype in PRECISION_DTYPES.items()}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -34,12 +35,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if kind == "mps" and not _mps_available():
         raise SetupError("device 'mps' requested but Apple's Metal backend is not available here")
     return torch.device(name)
-
-
-def check_precision(precision: str, allowed: tuple[str, ...] = tuple(PRECISIONS)) -> None:
-    """Refuse a precision name outside `allowed` (by default every name of PRECISIONS)."""
-    if precision not in allowed:
-        raise UserError(f"precision must be one of {', '.join(allowed)}, got {precision!r}")
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_text
 from ..core.runfolder import own_folder
-from ..core.validate import check_out_folder, check_positive, check_positive_all
 from ..data.datasets import load_splits
 from ..engine.plots import error_bar_plot
+from .config import DEFAULT_SEEDS, DEFAULT_SHOTS, FewShotConfig  # noqa: F401 - re-exported
 from .protocol_runs import (
     TRAIN_SETTINGS,
     Say,
-    TrainOptions,
     check_out_dir,
     markdown_table,
     percent,
@@ -34,37 +31,7 @@ from .protocol_runs import (
     time_note,
 )
 
-DEFAULT_SHOTS = (1, 5, 10, 25)
-DEFAULT_SEEDS = 5
 _SPLIT_WORDS = {"val": "val", "test": "test", "split": "held-out"}  # how DataSplits.eval_name reads in a sentence
-
-
-@dataclass
-class FewShotConfig:
-    """Every setting of a few-shot sweep; saved as OUT/config.json."""
-
-    data: str  # image folder, train/ + val/ (or test/) folder, CSV/JSONL manifest or .npz
-    out: str
-    shots: tuple[int, ...] = DEFAULT_SHOTS  # K values: training images per class
-    seeds: int = DEFAULT_SEEDS  # runs per K, seeds 0 .. seeds-1
-    train: TrainOptions = field(default_factory=TrainOptions)
-    split_seed: int = 0  # draws the held-out split when the data has none; fixed across seeds
-    val_fraction: float = 0.2  # held out per class when the data has no val/ or test/
-    overwrite: bool = False  # re-run every run from scratch
-
-    def normalized(self) -> FewShotConfig:
-        """A checked copy: absolute paths, the shots sorted and without repeats."""
-        c = dataclasses.replace(self, train=self.train.normalized())
-        shots = list(c.shots) if isinstance(c.shots, Sequence) else [c.shots]
-        check_positive_all("shots", shots)
-        check_positive("seeds", c.seeds)
-        c.shots = tuple(sorted(set(shots)))
-        if not Path(c.data).expanduser().exists():
-            raise FileNotFoundError(f"{c.data}: no such data folder or file")
-        c.data = str(Path(c.data).expanduser().resolve())
-        c.out = str(Path(c.out).expanduser().resolve())
-        check_out_folder(c.out)
-        return c
 
 
 def run_dir(out: str | Path, shots: int, seed: int) -> Path:

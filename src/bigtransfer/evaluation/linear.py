@@ -19,17 +19,16 @@ from ..core.runfolder import own_folder
 from ..core.validate import check_out_folder
 from ..data.datasets import DataSourceError, Item, image_size_of, load_splits, stratified_split
 from ..deploy.inference import load_model
-from ..engine.device import check_precision, pick_device
+from ..engine.device import pick_device
 from ..engine.metrics import confusion_report, to_json
 from ..model.preprocess import resolution_of
 from ..transfer.hyperrule import resolution as hyperrule_resolution
+from .config import DEFAULT_K, METHODS, VAL_FRACTION, FrozenEvalConfig  # noqa: F401 - re-exported
 from .features import extract_features, weights_digest
 
 # L2 strengths tried on the validation split (objective: mean cross-entropy + l2/2 * ||W||^2, standardized features).
 L2_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_L2 = 1e-3  # used when the training set is too small to hold out a validation split
-VAL_FRACTION = 0.2
-DEFAULT_K = 10
 # Problems up to this many feature values are solved in float64 (exact optimum); larger ones in float32.
 FLOAT64_LIMIT = 1 << 26
 # Below this many feature values each L-BFGS step is microseconds of arithmetic, and waking extra CPU threads
@@ -201,47 +200,10 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, query_x: np.ndarray, n
 
 # ---------------------------------------------------------------- the frozen-feature protocol
 
-METHODS = ("linear", "knn")
-
-
-@dataclass
-class FrozenEvalConfig:
-    """Every setting of a linear-probe or k-NN evaluation; saved as OUT/config.json."""
-
-    method: str  # "linear" or "knn"
-    data: str  # image folder, train/+val/ folder, CSV/JSONL manifest or .npz (see bigtransfer.data.datasets)
-    out: str
-    model: str | None = None  # model name; optional when weights names a checkpoint
-    weights: str | None = None
-    examples_per_class: int | None = None  # K-shot: a balanced training subset chosen by seed; None: all
-    seed: int = 0
-    resolution: int | None = None  # None: the checkpoint's recorded one, else the HyperRule's crop for the data
-    k: int = DEFAULT_K  # neighbours (knn)
-    precision: str = "fp32"
-    batch: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    cache: str | None = None  # feature cache folder; None: the default one
-    use_cache: bool = True
-    val_fraction: float = 0.2  # held out per class for evaluation when the data has no val/ or test/ split
-
-    def check(self) -> None:
-        """Raise ValueError for a setting that cannot work."""
-        if self.method not in METHODS:
-            raise UserError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("examples_per_class", "resolution"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {v}")
-        if self.k < 1 or self.batch < 1:
-            raise UserError(f"k and batch must be positive, got k={self.k}, batch={self.batch}")
-        check_precision(self.precision)
-
-
 def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print) -> dict:
     """Extract (or reuse cached) pre-logits, fit the linear probe or k-NN, score on the eval split, write OUT."""
     c = dataclasses.replace(config)
-    c.check()
+    c.validate()
     # Absolute paths in config.json, so the record still says what was evaluated when read from elsewhere.
     for name in ("data", "out", "weights", "cache"):
         if getattr(c, name) is not None:

@@ -13,7 +13,6 @@ import io
 import json
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +21,7 @@ from ..core.errors import UserError
 from ..engine.metrics import to_json
 from ..engine.rundir import changed_settings
 from ..transfer.finetune import SETTINGS_THAT_MATTER, FinetuneConfig, run_finetune
-
-# A protocol scores each run once, at its end: evaluating along the way (finetune's default, about 5 times) would
-# cost up to 5x the evaluation time and choose nothing. The resume point is still saved every SAVE_EVERY steps.
-ONLY_AT_END = 2**31 - 1
-SAVE_EVERY = 100
-
-
-# The FinetuneConfig settings every run of a protocol shares; the protocol sets the others per run.
-SHARED_SETTINGS = ("model", "weights", "steps", "batch", "batch_split", "resolution", "precision", "device", "workers",
-                   "variant", "base_lr")
-# Their fields, defaults included, as FinetuneConfig declares them: each default is written once, there.
-_SharedSettings = dataclasses.make_dataclass(
-    "_SharedSettings", [(f.name, f.type, dataclasses.field(default=f.default))
-                        for f in dataclasses.fields(FinetuneConfig) if f.name in SHARED_SETTINGS])
-
-
-@dataclass
-class TrainOptions(_SharedSettings):
-    """The fine-tuning settings every run of a protocol shares (SHARED_SETTINGS; see FinetuneConfig for each)."""
-
-    def finetune_config(self, data: str | Path, out: str | Path, **settings: Any) -> FinetuneConfig:
-        """A silent FinetuneConfig for one run of the protocol; `settings` override these options."""
-        fields = dataclasses.asdict(self)
-        fields["resolution"] = tuple(self.resolution) if self.resolution is not None else None
-        fields.update(eval_every=ONLY_AT_END, save_every=SAVE_EVERY)
-        fields.update(settings)
-        return FinetuneConfig(data=str(data), out=str(out), silent=True, **fields)
-
-    def normalized(self) -> TrainOptions:
-        """A copy with an absolute weights path and a tuple resolution."""
-        t = dataclasses.replace(self)
-        if t.weights is not None:
-            t.weights = str(Path(t.weights).expanduser().resolve())
-        if t.resolution is not None:
-            t.resolution = (int(t.resolution[0]), int(t.resolution[1]))
-        return t
-
+from .config import ONLY_AT_END, SAVE_EVERY, SHARED_SETTINGS, TrainOptions  # noqa: F401 - their home before config.py
 
 # The TrainOptions that change what a run computes (device, workers and batch_split do not).
 TRAIN_SETTINGS = tuple(k for k in SETTINGS_THAT_MATTER if k in {f.name for f in dataclasses.fields(TrainOptions)})

@@ -22,15 +22,13 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..core.atomic import write_text
-from ..core.errors import UserError
 from ..core.runfolder import own_folder
-from ..core.validate import check_out_folder, check_positive, check_positive_all
 from ..engine.plots import error_bar_plot
+from .config import SEEDS, SWEEP_LRS, TUNED_TRIALS, VtabConfig  # noqa: F401 - re-exported
 from .protocol_runs import (
     TRAIN_SETTINGS,
     Say,
@@ -47,65 +45,25 @@ from .protocol_runs import (
 )
 from .vtab_tasks import group_means, read_vtab
 
-# The default sweep: the HyperRule's lr and one step of about 3x either side, at the HyperRule's length.
-# The spec fixes no VTAB grid; wider grids are a --sweep-lr / --sweep-steps away.
-SWEEP_LRS: tuple[float, ...] = (0.001, 0.003, 0.01)
-SEEDS = 3  # final runs per task: the paper's VTAB-1k numbers are the median of 3
-
 # Appendix A's random search space as far as this fine-tuning loop can follow it: lr log-uniform, and steps, crop
 # size and MixUp alpha from these sets (0: no MixUp). The appendix also draws a dropout rate for the pre-logits
 # and a weight decay towards the initial weights; this loop has neither (docs/evaluation.md says so).
-TUNED_TRIALS = 40
 TUNED_LR_RANGE = (1e-4, 1e-1)
 TUNED_STEPS = (500, 1000, 2000, 4000, 8000, 16000)
 TUNED_RESOLUTIONS = (64, 128, 192, 256, 320, 384)
 TUNED_MIXUP = (0.0, 0.05, 0.1, 0.2, 0.4)
 
 
-@dataclass
-class VtabConfig:
-    """Every setting of a VTAB-1k evaluation; saved as OUT/config.json."""
+def vtab_candidates(c: VtabConfig, task: str) -> list[tuple[str, dict[str, Any]]]:
+    """(run folder name, fine-tuning settings) of every candidate for `task`, in the order ties are broken.
 
-    root: str  # ROOT/<task>/{train800,val200,train800val200,test}
-    out: str
-    tasks: list[str] | None = None  # None: all 19
-    sweep: bool = False  # pick lr and steps on train800 -> val200 before the final run
-    sweep_lrs: tuple[float, ...] = SWEEP_LRS  # base lr candidates (at batch 512)
-    sweep_steps: tuple[int, ...] | None = None  # step candidates; None: train.steps alone (the HyperRule's if None)
-    tuned: bool = False  # pick settings by Appendix A's random search on train800 -> val200
-    trials: int = TUNED_TRIALS  # random-search trials per task (tuned)
-    seeds: int = SEEDS  # final runs per task, seeds 0 .. seeds-1; the task's score is their median
-    train: TrainOptions = field(default_factory=TrainOptions)
-    overwrite: bool = False  # re-run every run from scratch
-
-    def normalized(self) -> VtabConfig:
-        """A checked copy with absolute paths."""
-        c = dataclasses.replace(self, train=self.train.normalized())
-        check_positive("seeds", c.seeds)
-        check_positive("trials", c.trials)
-        if c.sweep and c.tuned:
-            raise UserError("--sweep and --tuned are two ways to pick settings on val200; give one of them")
-        c.sweep_lrs = tuple(float(v) for v in c.sweep_lrs)
-        if not c.sweep_lrs or any(not v > 0 for v in c.sweep_lrs):
-            raise UserError(f"sweep lrs must be positive numbers, got {list(c.sweep_lrs)}")
-        if c.sweep_steps is not None:
-            c.sweep_steps = tuple(c.sweep_steps)
-            check_positive_all("sweep steps", c.sweep_steps)
-        c.root = str(Path(c.root).expanduser().resolve())
-        c.out = str(Path(c.out).expanduser().resolve())
-        check_out_folder(c.out)
-        return c
-
-    def candidates(self, task: str) -> list[tuple[str, dict[str, Any]]]:
-        """(run folder name, fine-tuning settings) of every candidate for `task`, in the order ties are broken.
-
-        The grid (`sweep`) gives base_lr and steps (None: the HyperRule's length); `tuned` trials add resolution
-        and mixup_alpha.
-        """
-        if self.tuned:
-            return [(f"trial{i:02d}", tuned_trial(task, i, self.train)) for i in range(self.trials)]
-        steps = self.sweep_steps if self.sweep_steps is not None else (self.train.steps,)
-        return [(_slug(lr, s), {"base_lr": lr, "steps": s}) for lr in self.sweep_lrs for s in steps]
+    The grid (`sweep`) gives base_lr and steps (None: the HyperRule's length); `tuned` trials add resolution
+    and mixup_alpha.
+    """
+    if c.tuned:
+        return [(f"trial{i:02d}", tuned_trial(task, i, c.train)) for i in range(c.trials)]
+    steps = c.sweep_steps if c.sweep_steps is not None else (c.train.steps,)
+    return [(_slug(lr, s), {"base_lr": lr, "steps": s}) for lr in c.sweep_lrs for s in steps]
 
 
 def _slug(lr: float, steps: int | None) -> str:
@@ -208,7 +166,7 @@ def _pick(c: VtabConfig, td: Any, task_out: Path, flags: dict[str, bool], say: S
     # A rewritten manifest means the task's files changed: finished runs on the old one must not be reused.
     fresh = not write_split_manifest(manifest, _manifest_rows(td, "train800", "val200", "val"))
     candidates, settings = [], []
-    pool = c.candidates(td.task.name)
+    pool = vtab_candidates(c, td.task.name)
     for i, (name, cand) in enumerate(pool, 1):
         rc = c.train.finetune_config(manifest, task_out / "sweep" / name, seed=0, overwrite=c.overwrite,
                                      **flags, **cand)

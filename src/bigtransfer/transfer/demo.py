@@ -24,9 +24,9 @@ from PIL import Image
 from ..core.atomic import atomic_path, write_text
 from ..core.errors import SetupError
 from ..engine.plots import error_bar_plot
-from .finetune import FinetuneConfig, recommended_settings, run_finetune
+from .config import TEST_PER_CLASS, DemoSettings, FinetuneConfig, recommended_settings
+from .finetune import run_finetune
 
-TEST_PER_CLASS = 30  # fixed test split: 300 images
 SPLIT_SEED = 0
 
 
@@ -52,23 +52,6 @@ DEMO_MODELS: tuple[DemoModel, ...] = (
     DemoModel("BiT-Mini-R26x0.5 (pre-trained)", "BiT-Mini-R26x0.5", base_lr=DEMO_LR),
     DemoModel("R26x0.5 from scratch", "R26x0.5", base_lr=DEMO_LR),
 )
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """What the demo runs with (small enough for a CPU)."""
-
-    shots: tuple[int, ...] = (1, 5, 10)
-    seeds: int = 3
-    steps: int = 60
-    batch: int = 32
-    # The HyperRule would squash these 8x8 images to 160 and crop 128. BiT-Mini was pre-trained at 64 px;
-    # 48/40 keeps most of its advantage (+14 points at 10-shot, seed 0) at a third of 72/64's cost.
-    resolution: tuple[int, int] = (48, 40)
-    flip: bool = False  # a mirrored digit is not the same digit
-    workers: int = 0  # 100 tiny PNGs decode faster in-process than worker processes start
-    test_per_class: int = TEST_PER_CLASS
-    processes: int | None = None  # fine-tunes run side by side, one thread each; None: one per CPU core
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:

@@ -20,9 +20,8 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +31,6 @@ from ..core.atomic import write_text
 from ..core.errors import UserError
 from ..core.paths import name_bytes
 from ..core.runfolder import StopOnSignal
-from ..core.validate import check_out_folder, check_positive
 from ..core.version import __version__
 from ..data.datasets import (
     DataSourceError,
@@ -45,7 +43,7 @@ from ..data.datasets import (
 )
 from ..data.sampling import mix_seed
 from ..deploy.inference_model import prepare_for_inference
-from ..engine.device import check_precision, describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.device import describe, grad_scaler, pick_device, sgd, training_layout
 from ..engine.metrics import Evaluation, JsonlLogger, read_jsonl, to_json
 from ..engine.plots import confusion_plot, line_plot
 from ..engine.progress import Progress
@@ -57,123 +55,18 @@ from ..model.memory import check_training
 from ..model.preprocess import data_config
 from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
-from .hyperrule import BASE_LR, VARIANTS, make_plan
+from .config import EVALS_PER_RUN, FinetuneConfig, recommended_settings  # noqa: F401 - its home before config.py
+from .hyperrule import make_plan
 
 # Files a run writes; --overwrite removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "state.pt", "summary.json", "checkpoint.safetensors",
              "loss.png", "lr.png", "accuracy.png", "confusion.png")
 MOMENTUM = 0.9
-EVALS_PER_RUN = 5  # when eval_every is not given
 PLOT_EVERY_S = 60.0  # redraw the plots at an evaluation at most this often (and always at the end)
-
-
-@dataclass
-class FinetuneConfig:
-    """Every setting of a fine-tuning run; saved as RUN/config.json."""
-
-    data: str  # image folder, train/+val/ folder, CSV/JSONL manifest or .npz (see bigtransfer.data.datasets)
-    out: str  # run directory
-    model: str = "BiT-M-R50x1"  # any name from list_models() or R<depth>x<width>
-    weights: str | None = None  # checkpoint file to start from instead of the name's own weights
-    examples_per_class: int | None = None  # K-shot: a balanced subset chosen by seed
-    seed: int = 0
-    steps: int | None = None  # None: the HyperRule's length
-    batch: int = 512
-    batch_split: int = 1  # micro-batches per step (gradient accumulation)
-    resolution: tuple[int, int] | None = None  # (precrop, crop); None: the HyperRule's
-    flip: bool = True  # random horizontal flips (off for data where mirroring changes the class, e.g. digits)
-    crop: bool = True  # random crops; False squashes straight to the crop size (VTAB's no-crop tasks)
-    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
-    channels_last: bool = True  # train in the channels-last layout on CPU and CUDA (faster; same results to 1e-5)
-    grad_checkpointing: bool = False  # recompute each unit's activations in backward: less memory, ~20% slower
-    device: str = "auto"
-    eval_every: int | None = None  # None: about EVALS_PER_RUN evaluations; always one at the end
-    save_every: int | None = None  # None: with every evaluation; always at the end
-    workers: int | None = None  # DataLoader workers; None: bigtransfer.data.datasets.default_workers()
-    eval_batch: int | None = None  # None: the micro-batch size
-    strict: bool = False  # refuse to train when any image is unreadable
-    quiet: bool = False  # plain log lines instead of a progress bar
-    silent: bool = False  # print nothing (for protocols that run many fine-tunes)
-    overwrite: bool = False  # start afresh even if RUN holds another run
-    variant: str = "release"  # HyperRule variant: release or paper
-    base_lr: float | None = None  # lr at batch 512, scaled by batch / 512; None: the model's recommended value or 0.003
-    val_fraction: float = 0.2  # held out per class when the data has no val/ or test/ split
-    split_seed: int | None = None  # draws that held-out split; None: seed (the few-shot protocol fixes it)
-    mixup_alpha: float | None = None  # None: the HyperRule's (0 under 20k examples, else 0.1); VTAB's --tuned draws it
-
-    # The settings that may differ when a run is resumed (how it is spread, shown and checked, not what it
-    # computes); every other one must equal the saved value (`engine.rundir`'s one rule).
-    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
-        "out", "batch_split", "channels_last", "grad_checkpointing", "device", "eval_every", "save_every", "workers",
-        "eval_batch", "strict", "quiet", "silent", "overwrite"})
-
-    def normalized(self) -> FinetuneConfig:
-        """A copy with absolute paths and a tuple resolution, after checking every value."""
-        c = dataclasses.replace(self)
-        _apply_model_defaults(c)
-        _check_config(c)
-        c.data = str(Path(c.data).expanduser().resolve())
-        c.out = str(Path(c.out).expanduser().resolve())
-        if c.weights is not None:
-            c.weights = str(Path(c.weights).expanduser().resolve())
-        if c.resolution is not None:
-            c.resolution = (int(c.resolution[0]), int(c.resolution[1]))
-        return c
 
 
 # Settings that change what a run computes: resuming under different values would splice two different runs.
 SETTINGS_THAT_MATTER = must_match(FinetuneConfig)
-
-
-def recommended_settings(model: str) -> dict[str, Any]:
-    """The fine-tuning settings a model name recommends: "base_lr" always, "resolution" where it has its own.
-
-    Released BiT models recommend nothing of their own, so they keep the HyperRule exactly (base lr 0.003 and its
-    resolution rule); a bundled model such as BiT-Mini carries its own (small images) in its file's metadata.
-    """
-    return {"base_lr": BASE_LR, **resolve(model).finetune_defaults}
-
-
-def _apply_model_defaults(c: FinetuneConfig) -> None:
-    """Fill the settings left unset (None) from the model's recommended ones."""
-    recommended = recommended_settings(c.model)
-    if c.base_lr is None:
-        c.base_lr = float(recommended["base_lr"])
-    if c.resolution is None and recommended.get("resolution"):
-        c.resolution = tuple(recommended["resolution"])
-
-
-def _check_config(c: FinetuneConfig) -> None:
-    for name in ("examples_per_class", "steps", "eval_every", "save_every", "eval_batch"):
-        check_positive(name.replace("_", "-"), getattr(c, name), allow_none=True)
-    check_positive("batch", c.batch)
-    check_positive("batch-split", c.batch_split)
-    if c.batch % c.batch_split:
-        raise UserError(f"batch {c.batch} is not divisible by batch-split {c.batch_split}")
-    if c.workers is not None and (isinstance(c.workers, bool) or not isinstance(c.workers, int) or c.workers < 0):
-        raise UserError(f"workers must be 0 or more, got {c.workers!r}")
-    check_precision(c.precision)
-    if c.variant not in VARIANTS:
-        raise UserError(f"variant must be one of {', '.join(VARIANTS)}, got {c.variant!r}")
-    if c.resolution is not None:
-        if len(c.resolution) != 2:
-            raise UserError(f"resolution must be two numbers PRECROP CROP, got {c.resolution!r}")
-        precrop, crop = c.resolution
-        if not (1 <= crop <= precrop):
-            raise UserError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
-    if not (isinstance(c.val_fraction, int | float) and 0.0 < c.val_fraction < 1.0):
-        raise UserError(f"val-fraction must be between 0 and 1, got {c.val_fraction!r}")
-    if c.mixup_alpha is not None and not (isinstance(c.mixup_alpha, int | float) and math.isfinite(c.mixup_alpha)
-                                          and c.mixup_alpha >= 0):
-        raise UserError(f"mixup alpha must be 0 or more, got {c.mixup_alpha!r}")
-    if not (isinstance(c.base_lr, int | float) and math.isfinite(c.base_lr) and c.base_lr > 0):
-        raise UserError(f"base lr must be a positive number, got {c.base_lr!r}")
-    if not Path(c.data).expanduser().exists():
-        raise FileNotFoundError(f"{c.data}: no such data folder or file")
-    if c.weights is not None and not Path(c.weights).expanduser().is_file():
-        raise FileNotFoundError(f"{c.weights}: no such weights file")
-    check_out_folder(c.out, "a run directory")
-    resolve(c.model)  # raises a ValueError listing the known names
 
 
 # ---------------------------------------------------------------- MixUp and one training step

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,8 @@ from torch import nn
 from ..core.atomic import write_text
 from ..core.errors import UserError, is_user_error
 from ..core.runfolder import StopOnSignal
-from ..core.validate import check_out_folder
 from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
-from ..engine.device import PRECISIONS as ALL_PRECISIONS
-from ..engine.device import check_precision, sgd, training_layout
+from ..engine.device import sgd, training_layout
 from ..engine.metrics import JsonlLogger, read_jsonl, to_json
 from ..engine.plots import line_plot
 from ..engine.progress import Progress
@@ -67,115 +65,11 @@ from ..model.preprocess import data_config
 from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
 from . import distributed as dist_utils
+from .config import FULL_BATCH, LOSS_SETTINGS, LOSSES, PRECISIONS, PRESETS, Preset, PretrainConfig  # noqa: F401
 
-LOSSES = ("sigmoid", "softmax")
-LOSS_SETTINGS = ("auto", *LOSSES)  # auto: the one the labels call for (`resolve_loss`)
 SIGMOID_HEAD_BIAS = -10.0  # the initial head bias of sigmoid runs (the authors' configs); softmax runs start at 0
-PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "fp16")  # fp16 would need a gradient scaler; bf16 does not
-FULL_BATCH = 4096
 FULL_WARMUP = 5000
 FINAL_FILE = "checkpoint.safetensors"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """One of the paper's upstream set-ups: length, decay epochs, batch, resolution, dataset size."""
-
-    name: str
-    epochs: int
-    decay_epochs: tuple[int, ...]
-    dataset_images: int
-    batch: int = FULL_BATCH
-    resolution: int = 224
-
-    @property
-    def full_steps(self) -> int:
-        """Updates in the full-scale run (epochs over the preset's dataset at batch 4096)."""
-        return math.ceil(self.epochs * self.dataset_images / self.batch)
-
-
-PRESETS: dict[str, Preset] = {
-    "bit-s": Preset("bit-s", 90, (30, 60, 80), 1_281_167),  # ILSVRC-2012 train
-    "bit-m": Preset("bit-m", 90, (30, 60, 80), 14_197_122),  # ImageNet-21k (fall 2011 release)
-    "bit-l": Preset("bit-l", 40, (10, 23, 30, 37), 300_000_000),  # JFT-300M
-}
-
-
-@dataclass
-class PretrainConfig:
-    """Everything that defines a pre-training run; saved as RUN/config.json. None = the preset's value."""
-
-    data: str
-    out: str
-    model: str = "R50x1"
-    preset: str = "bit-m"
-    epochs: float | None = None
-    steps: int | None = None
-    batch: int | None = None
-    batch_split: int = 1
-    resolution: int | None = None
-    loss: str = "auto"  # auto, sigmoid or softmax; a run saves the resolved one, so resuming compares that
-    warmup_steps: int | None = None
-    lr: float | None = None  # None: 0.03 x batch / 256
-    weight_decay: float = 1e-4
-    decay_norm_and_bias: bool = True
-    momentum: float = 0.9
-    seed: int = 0
-    holdout: float = 0.05  # fraction of train held out when the source has no val/test split
-    eval_every: int | None = None  # None: 10 evaluations per run
-    save_every: int | None = None  # None: every min(1000, T / 10) updates
-    log_every: int = 10
-    fsdp: bool = False
-    grad_checkpointing: bool = False
-    channels_last: bool = True  # channels-last layout on CPU and CUDA, except under FSDP (which flattens weights)
-    precision: str = "fp32"
-    workers: int = 2  # DataLoader processes per training process
-    device: str = "auto"
-    check_images: bool = False  # decode every image before training (slow on large sets)
-    max_eval: int | None = None  # cap on held-out images per evaluation
-    stop_after: int | None = None  # end this job after this update with the state saved (time-limited job slots)
-
-    # The settings that may differ between a run and its resumption: how the work is spread, not what is computed
-    # (`engine.rundir`'s one rule); every other one must equal the value saved in state.pt.
-    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
-        "batch_split", "fsdp", "grad_checkpointing", "workers", "device", "eval_every", "save_every", "log_every",
-        "check_images", "max_eval", "out", "stop_after"})
-
-    def preset_info(self) -> Preset:
-        """The Preset this config names."""
-        if self.preset not in PRESETS:
-            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[self.preset]
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first setting that cannot work."""
-        self.preset_info()
-        if self.epochs is not None and self.steps is not None:
-            raise UserError("give --epochs or --steps, not both")
-        checks = [("batch", self.batch, 1), ("batch_split", self.batch_split, 1), ("resolution", self.resolution, 32),
-                  ("steps", self.steps, 1), ("warmup_steps", self.warmup_steps, 0), ("eval_every", self.eval_every, 1),
-                  ("save_every", self.save_every, 1), ("log_every", self.log_every, 1), ("workers", self.workers, 0),
-                  ("seed", self.seed, 0), ("max_eval", self.max_eval, 1),
-                  ("stop_after", self.stop_after, 1)]
-        for name, value, least in checks:
-            if value is not None and (not isinstance(value, int) or value < least):
-                raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
-        if self.epochs is not None and not self.epochs > 0:
-            raise UserError(f"epochs must be positive, got {self.epochs}")
-        if self.loss not in LOSS_SETTINGS:
-            raise UserError(f"loss must be one of {', '.join(LOSS_SETTINGS)}, got {self.loss!r}")
-        check_precision(self.precision, PRECISIONS)
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"lr must be a positive number, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UserError(f"weight decay must be a finite number >= 0, got {self.weight_decay}")
-        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
-            raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
-        check_out_folder(self.out, "a run directory")
-        if not 0.0 < self.holdout < 1.0:
-            raise UserError(f"holdout must be between 0 and 1, got {self.holdout}")
-
-        resolve(self.model)  # raises a ValueError listing the known names
 
 
 RESUMABLE_CHANGES = PretrainConfig.RESUMABLE_CHANGES

@@ -1,0 +1,179 @@
+"""The settings of a fine-tuning run and of the demo, each declared once (default + help, `core.settings`).
+
+Free of torch on purpose: the command line builds its options from these fields, and `bigtransfer --help` must not
+wait for torch to load (benchmarks/bench_cli_startup.py). The model registry, which loads torch, is imported inside
+the two functions that look a model name up (they run when a run starts, not when options are parsed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..core.errors import UserError
+from ..core.settings import setting
+from ..core.validate import check_out_folder, check_positive, check_positive_all
+from ..engine.precision import PRECISION_NAMES, check_precision
+from .hyperrule import BASE_LR, VARIANTS
+
+EVALS_PER_RUN = 5  # when eval_every is not given
+TEST_PER_CLASS = 30  # the demo's fixed test split: 300 images
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run; saved as RUN/config.json."""
+
+    data: str = setting(help="one sub-folder of images per class; or train/ with val/ or test/; or a .csv/.jsonl "
+                             "manifest (path,label) or an .npz (images, labels)", metavar="DIR")
+    out: str = setting(help="run directory (created; re-run to resume; locked while a run uses it: one process at a "
+                            "time)", metavar="RUN")
+    model: str = setting("BiT-M-R50x1", "a name from 'bigtransfer models' (released names load their weights) or "
+                         "R<depth>x<width> (from scratch unless --weights)", metavar="NAME", required=True)
+    weights: str | None = setting(None, "start from this checkpoint (.npz, .safetensors, .pt) instead of the "
+                                  "name's own weights", metavar="PATH")
+    examples_per_class: int | None = setting(None, "few-shot: K training images per class, a balanced subset chosen "
+                                             "by --seed", metavar="K")
+    seed: int = setting(0, "picks the K-shot subset, split, data order (default %(default)s)")
+    steps: int | None = setting(None, "number of updates (default: the HyperRule's)", metavar="S")
+    batch: int = setting(512, "global batch size (default %(default)s)", metavar="B")
+    batch_split: int = setting(1, "accumulate each batch over Q micro-batches to save memory (default %(default)s)",
+                               metavar="Q")
+    resolution: tuple[int, int] | None = setting(
+        None, "squash-resize to PRECROP, train on random CROP crops, evaluate at CROP (default: the model's "
+        "recommended resolution, else the HyperRule's)", kind="resolution")
+    flip: bool = setting(True, "no random horizontal flips (for images whose mirror image is another class, e.g. "
+                         "digits)", flag="--no-flip")
+    crop: bool = setting(True, "no random crops: squash straight to CROP (for tasks about position or count, "
+                         "VTAB's no-crop tasks)", flag="--no-crop")
+    precision: str = setting("fp32", "fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler) (default "
+                             "%(default)s)", choices=PRECISION_NAMES)
+    channels_last: bool = setting(True, "train in the NCHW layout instead of the (faster) channels-last one (same "
+                                  "results to 1e-5)", flag="--no-channels-last")
+    grad_checkpointing: bool = setting(False, "recompute each unit's activations in backward: about 1/4 of the "
+                                       "activation memory, ~20%% slower")
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    eval_every: int | None = setting(None, f"evaluate every N steps (default: {EVALS_PER_RUN} times per run; always "
+                                     "at the end)", metavar="N")
+    save_every: int | None = setting(None, "save the resume state every N steps (default: at each evaluation; always "
+                                     "at the end)", metavar="N")
+    workers: int | None = setting(None, "data loading processes (default: CPUs, at most 8)", metavar="N")
+    eval_batch: int | None = setting(None, "images per evaluation batch (default: the micro-batch size)", cli=False)
+    strict: bool = setting(False, "refuse to train if any image is unreadable")
+    quiet: bool = setting(False, "plain log lines instead of a progress bar")
+    silent: bool = setting(False, "print nothing (for protocols that run many fine-tunes)", cli=False)
+    overwrite: bool = setting(False, "discard what RUN holds and start afresh")
+    variant: str = setting("release", "HyperRule as in the authors' release (default) or as the paper states it",
+                           choices=VARIANTS)
+    base_lr: float | None = setting(None, "lr at batch 512, scaled by B/512 (default: the model's recommended value, "
+                                    "e.g. BiT-Mini's; else the HyperRule's 0.003)")
+    val_fraction: float = setting(0.2, "share of each class held out for evaluation when there is no val/ or test/ "
+                                  "(default %(default)s)")
+    split_seed: int | None = setting(None, "draws the held-out split; None: --seed (the few-shot protocol fixes it)",
+                                     cli=False)
+    mixup_alpha: float | None = setting(None, "None: the HyperRule's (0 under 20k examples, else 0.1); VTAB's "
+                                        "--tuned draws it", cli=False)
+
+    # The settings that may differ when a run is resumed (how it is spread, shown and checked, not what it
+    # computes); every other one must equal the saved value (`engine.rundir`'s one rule).
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
+        "out", "batch_split", "channels_last", "grad_checkpointing", "device", "eval_every", "save_every", "workers",
+        "eval_batch", "strict", "quiet", "silent", "overwrite"})
+
+    def normalized(self) -> FinetuneConfig:
+        """A copy with absolute paths and a tuple resolution, after checking every value."""
+        c = dataclasses.replace(self)
+        _apply_model_defaults(c)
+        c.validate()
+        c.data = str(Path(c.data).expanduser().resolve())
+        c.out = str(Path(c.out).expanduser().resolve())
+        if c.weights is not None:
+            c.weights = str(Path(c.weights).expanduser().resolve())
+        if c.resolution is not None:
+            c.resolution = (int(c.resolution[0]), int(c.resolution[1]))
+        return c
+
+    def validate(self) -> None:
+        """Raise a UserError (or FileNotFoundError) naming the first setting that cannot work."""
+        for name in ("examples_per_class", "steps", "eval_every", "save_every", "eval_batch"):
+            check_positive(name.replace("_", "-"), getattr(self, name), allow_none=True)
+        check_positive("batch", self.batch)
+        check_positive("batch-split", self.batch_split)
+        if self.batch % self.batch_split:
+            raise UserError(f"batch {self.batch} is not divisible by batch-split {self.batch_split}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 0):
+            raise UserError(f"workers must be 0 or more, got {self.workers!r}")
+        check_precision(self.precision)
+        if self.variant not in VARIANTS:
+            raise UserError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.resolution is not None:
+            if len(self.resolution) != 2:
+                raise UserError(f"resolution must be two numbers PRECROP CROP, got {self.resolution!r}")
+            precrop, crop = self.resolution
+            if not (1 <= crop <= precrop):
+                raise UserError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
+        if not (isinstance(self.val_fraction, int | float) and 0.0 < self.val_fraction < 1.0):
+            raise UserError(f"val-fraction must be between 0 and 1, got {self.val_fraction!r}")
+        alpha = self.mixup_alpha
+        if alpha is not None and not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha >= 0):
+            raise UserError(f"mixup alpha must be 0 or more, got {alpha!r}")
+        if not (isinstance(self.base_lr, int | float) and math.isfinite(self.base_lr) and self.base_lr > 0):
+            raise UserError(f"base lr must be a positive number, got {self.base_lr!r}")
+        if not Path(self.data).expanduser().exists():
+            raise FileNotFoundError(f"{self.data}: no such data folder or file")
+        if self.weights is not None and not Path(self.weights).expanduser().is_file():
+            raise FileNotFoundError(f"{self.weights}: no such weights file")
+        check_out_folder(self.out, "a run directory")
+        _model_info(self.model)  # raises a ValueError listing the known names
+
+
+def _model_info(name: str) -> Any:
+    # The registry loads torch: imported when a run starts, not when the command line builds its options.
+    from ..model.registry import resolve
+
+    return resolve(name)
+
+
+def recommended_settings(model: str) -> dict[str, Any]:
+    """The fine-tuning settings a model name recommends: "base_lr" always, "resolution" where it has its own.
+
+    Released BiT models recommend nothing of their own, so they keep the HyperRule exactly (base lr 0.003 and its
+    resolution rule); a bundled model such as BiT-Mini carries its own (small images) in its file's metadata.
+    """
+    return {"base_lr": BASE_LR, **_model_info(model).finetune_defaults}
+
+
+def _apply_model_defaults(c: FinetuneConfig) -> None:
+    """Fill the settings left unset (None) from the model's recommended ones."""
+    recommended = recommended_settings(c.model)
+    if c.base_lr is None:
+        c.base_lr = float(recommended["base_lr"])
+    if c.resolution is None and recommended.get("resolution"):
+        c.resolution = tuple(recommended["resolution"])
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo runs with (small enough for a CPU)."""
+
+    shots: tuple[int, ...] = setting((1, 5, 10), "images per class (default %(default)s)", metavar="K", nargs="+")
+    seeds: int = setting(3, "runs per K and model (default %(default)s)")
+    steps: int = setting(60, "updates per run (default %(default)s)")
+    batch: int = setting(32, "batch size (default %(default)s)")
+    # The HyperRule would squash these 8x8 images to 160 and crop 128. BiT-Mini was pre-trained at 64 px;
+    # 48/40 keeps most of its advantage (+14 points at 10-shot, seed 0) at a third of 72/64's cost.
+    resolution: tuple[int, int] = setting((48, 40), "(precrop, crop)", cli=False)
+    flip: bool = setting(False, "a mirrored digit is not the same digit", cli=False)
+    workers: int = setting(0, "100 tiny PNGs decode faster in-process than worker processes start", cli=False)
+    test_per_class: int = setting(TEST_PER_CLASS, "held-out digits per class", cli=False)
+    processes: int | None = setting(None, "fine-tunes side by side, one thread each (default: one per core)")
+
+    def validate(self) -> None:
+        """Raise a UserError naming the first setting that cannot work."""
+        for name in ("seeds", "steps", "batch", "processes"):
+            check_positive(f"--{name}", getattr(self, name), allow_none=name == "processes")
+        check_positive_all("--shots", self.shots)
