@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -36,6 +37,13 @@ from .transforms import eval_transform
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10
+# Extra views of pretrain --augment robust (after the crop and flip; measured on BiT-Mini's corpus, docs/models/BiT-Mini.md):
+# a smooth elastic warp (4 x 4 normal noise x U(0, ELASTIC_MAX), bicubic-upsampled to a displacement field in
+# grid units), a low-resolution copy (down to LOWRES_SIZES with antialiasing, then back up), greyscale, inversion.
+ELASTIC_P, ELASTIC_MAX, ELASTIC_GRID = 0.5, 0.12, 4
+LOWRES_P, LOWRES_SIZES = 0.3, (8, 24)
+GREY_P, INVERT_P = 0.25, 0.2
+LUMA = (0.299, 0.587, 0.114)
 SPLITS = {"train": "train", "val": "val", "validation": "val", "valid": "val", "test": "test"}
 
 
@@ -112,6 +120,7 @@ class InceptionCrop:
     """
 
     size: int
+    robust: bool = False  # then also `robust_view`, drawn from the same generator after the flip
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -126,7 +135,35 @@ class InceptionCrop:
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         box, flip = self.draw(img.width, img.height, generator)
         x = to_tensor(img.resize((self.size, self.size), Image.BILINEAR, box=box))
-        return x.flip(2) if flip else x
+        x = x.flip(2) if flip else x
+        return robust_view(x, generator) if self.robust else x
+
+
+def robust_view(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Augment="robust"'s extra view of one cropped image (3, S, S) in [-1, 1], every choice drawn from generator.
+
+    Why: the corpus is crisp, colourful renders, while small downstream images are often blurry, grey, light on
+    dark or hand-drawn. Draws, in order: three uniforms (low-res, grey, invert), the low-res side, the elastic
+    coin, then its amplitude and field when it applies. Applied in that order: warp, low-res, grey, invert.
+    """
+    u = torch.rand(3, generator=generator).tolist()
+    side = int(torch.randint(LOWRES_SIZES[0], LOWRES_SIZES[1] + 1, (), generator=generator))
+    size = x.shape[-2:]
+    y = x[None]
+    if float(torch.rand((), generator=generator)) < ELASTIC_P:
+        amplitude = float(torch.rand((), generator=generator)) * ELASTIC_MAX
+        field = torch.randn(1, 2, ELASTIC_GRID, ELASTIC_GRID, generator=generator) * amplitude
+        field = F.interpolate(field, size=size, mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+        identity = F.affine_grid(torch.eye(2, 3)[None], [1, 3, *size], align_corners=False)
+        y = F.grid_sample(y, identity + field, mode="bilinear", padding_mode="border", align_corners=False)
+    if u[0] < LOWRES_P:
+        small = F.interpolate(y, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        y = F.interpolate(small, size=size, mode="bilinear", align_corners=False)
+    if u[1] < GREY_P:
+        y = (y * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(y)
+    if u[2] < INVERT_P:
+        y = -y
+    return y[0].contiguous()
 
 
 def multi_hot(labels: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
@@ -262,13 +299,16 @@ def _load_packed(train_root: Path, eval_root: Path | None) -> PackedData:
     return PackedData(train, held, eval_root.name if eval_root else "val", notes)
 
 
-def _packed_train_batches(data: PackedData, sampler: RankStepSampler, size: int) -> Iterator[Batch]:
+def _packed_train_batches(data: PackedData, sampler: RankStepSampler, size: int,
+                          robust: bool = False) -> Iterator[Batch]:
     """Micro-batches cut from the packed array and augmented as one batch, in this process (no workers)."""
     for keys in sampler:
         rows = [i for i, _ in keys]
-        draws = [InceptionCrop.draw(data.train.images.shape[2], data.train.images.shape[1],
-                                    torch.Generator().manual_seed(seed)) for _, seed in keys]
+        gens = [torch.Generator().manual_seed(seed) for _, seed in keys]
+        draws = [InceptionCrop.draw(data.train.images.shape[2], data.train.images.shape[1], g) for g in gens]
         x = crop_flip_batch(data.train.pixels(rows), [b for b, _ in draws], [f for _, f in draws], size)
+        if robust:  # per image, each from its own generator, after the crop's draws as in InceptionCrop
+            x = torch.stack([robust_view(xi, g) for xi, g in zip(x, gens, strict=True)])
         yield x, data.train.targets(rows)
 
 
@@ -282,18 +322,21 @@ def _packed_eval_batches(held: PackedSet, size: int, batch: int, rank: int, worl
 
 
 def train_batches(data: PretrainData | ShardData | PackedData, size: int, global_batch: int, seed: int, rank: int,
-                  world_size: int, batch_split: int, start_step: int, end_step: int, workers: int) -> Iterator[Batch]:
+                  world_size: int, batch_split: int, start_step: int, end_step: int, workers: int,
+                  robust: bool = False) -> Iterator[Batch]:
     """This rank's micro-batches (images, multi-hot targets) from update start_step on, batch_split per update.
+
+    After the paper's random-resized crop and flip, robust=True also applies `robust_view` (pretrain --augment).
 
     Examples and manifests follow the world-size-independent global stream (module doc). Shard sets are streamed:
     each process reads its own shards, so the examples of a step depend on the number of processes (their order
     and augmentation are seeded, but a resumed run restarts the epoch it was in).
     """
-    transform = InceptionCrop(size)
+    transform = InceptionCrop(size, robust=robust)
     if isinstance(data, PackedData):
         sampler = RankStepSampler(data.train_count, global_batch, seed, rank, world_size, batch_split, start_step,
                                   end_step)
-        yield from _packed_train_batches(data, sampler, size)
+        yield from _packed_train_batches(data, sampler, size, robust=transform.robust)
         return
     if isinstance(data, PretrainData):
         sampler = RankStepSampler(len(data.train), global_batch, seed, rank, world_size, batch_split, start_step, end_step)

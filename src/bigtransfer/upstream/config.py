@@ -15,7 +15,9 @@ from ..core.validate import check_out_folder
 from ..engine.precision import UNSCALED_PRECISIONS, check_precision
 
 LOSSES = ("sigmoid", "softmax")
-LOSS_SETTINGS = ("auto", *LOSSES)  # auto: the one the labels call for (`resolve_loss`)
+LOSS_SETTINGS = ("auto", *LOSSES)
+# "bit": the paper's random-resized crop + flip; "robust": then also `data.pretraining.robust_view`.
+AUGMENTS = ("bit", "robust")  # auto: the one the labels call for (`resolve_loss`)
 PRECISIONS = UNSCALED_PRECISIONS  # fp16 would need a gradient scaler; bf16 does not
 FULL_BATCH = 4096
 
@@ -68,6 +70,9 @@ class PretrainConfig:
                                        "4096, i.e. 5000 x 4096 / batch for a full-length run, proportionally fewer "
                                        "for a shorter one)")
     lr: float | None = setting(None, "peak learning rate (default 0.03 x batch / 256)")
+    augment: str = setting("bit", "bit (default): the paper's random-resized crop + flip; robust: then also random "
+                           "elastic warps, low resolution, greyscale and inversion (for corpora of crisp renders, "
+                           "e.g. BiT-Mini's)", choices=AUGMENTS)
     weight_decay: float = setting(1e-4, "L2 weight decay (default %(default)s, on all weights)")
     decay_norm_and_bias: bool = setting(True, "exempt GroupNorm and bias parameters from decay",
                                         flag="--no-decay-norm-bias")
@@ -119,6 +124,8 @@ class PretrainConfig:
                 raise UserError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.epochs is not None and not self.epochs > 0:
             raise UserError(f"epochs must be positive, got {self.epochs}")
+        if self.augment not in AUGMENTS:
+            raise UserError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if self.loss not in LOSS_SETTINGS:
             raise UserError(f"loss must be one of {', '.join(LOSS_SETTINGS)}, got {self.loss!r}")
         check_precision(self.precision, PRECISIONS)

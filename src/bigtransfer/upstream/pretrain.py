@@ -410,7 +410,8 @@ class _Pretraining:
         if start and env.is_main and self.extra.get("pending_loss"):
             self.local += torch.tensor(self.extra["pending_loss"], dtype=torch.float64)
         self.batches = train_batches(self.data, plan.resolution, plan.batch, config.seed, env.rank, env.world_size,
-                                     config.batch_split, start, plan.steps, config.workers)
+                                     config.batch_split, start, plan.steps, config.workers,
+                                     robust=config.augment == "robust")
 
     def update(self, step: int) -> float:
         """One SGD update over this process's micro-batches of `step`; returns its learning rate."""
