@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     size = config["input_size"][1]
 
     emb = embed_files(model, files, config, batch_size=args.batch, workers=args.workers, precision=args.precision,
-                      device=args.device, progress=not args.quiet, on_skip=report_skip)
+                      engine=args.engine, device=args.device, progress=not args.quiet, on_skip=report_skip)
     if not emb.files:
         print(f"none of the {len(files)} files could be decoded; nothing written", file=sys.stderr)
         return 1

@@ -10,6 +10,9 @@ from ..core.paths import shown
 from ..engine.precision import UNSCALED_PRECISIONS
 from .options import resolution_from
 
+# bigtransfer.deploy.engines.ENGINES, named here so that --help does not import torch (a test keeps them equal).
+ENGINE_CHOICES = ("torch", "onnxruntime")
+
 HELP = "Classify images (files or folders) with a model: top-k labels with softmax scores."
 
 
@@ -17,7 +20,7 @@ def add_model_options(p: argparse.ArgumentParser,
                       resolution_default: str = "what the checkpoint records (fine-tuning: its evaluation crop); "
                                                 "480 for *-ILSVRC2012, 128 for *-CIFAR10, timm's for timm names, "
                                                 "else 224") -> None:
-    """--model/--weights/--resolution/--precision/--batch/--workers/--device, shared by the inference verbs."""
+    """--model/--weights/--resolution/--precision/--engine/--batch/--workers/--device, shared by the inference verbs."""
     p.add_argument("--model", help="model name (see 'bigtransfer models'); optional when --weights is given")
     p.add_argument("--weights", help="checkpoint file (.safetensors, .npz, .pt/.pth/.bin)")
     p.add_argument("--resolution", type=int, nargs="+", metavar="N",
@@ -25,6 +28,9 @@ def add_model_options(p: argparse.ArgumentParser,
                         f"CROP x CROP (default: {resolution_default})")
     p.add_argument("--precision", choices=UNSCALED_PRECISIONS, default="fp32", help="inference precision (default "
                                                                                     "fp32)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="torch",
+                   help="torch (default) or onnxruntime: our ONNX export run by onnxruntime, fp32 on the CPU, checked "
+                        "against the eager model on the first batch (pip install 'bigtransfer[onnx]')")
     p.add_argument("--batch", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: one per core, at most 8)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -90,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {why}", file=sys.stderr)
     preds, skipped = predict_files(model, files, size, top_k=args.top_k, labels=labels, batch_size=args.batch,
                                    workers=args.workers, precision=args.precision, device=args.device,
-                                   progress=len(files) > args.batch and sys.stderr.isatty(), on_skip=report_skip)
+                                   engine=args.engine, progress=len(files) > args.batch and sys.stderr.isatty(),
+                                   on_skip=report_skip)
     if args.json:
         doc = [{"file": p.path, "top": [{"index": i, "label": name, "score": score} for i, name, score in p.top]}
                for p in preds]

@@ -27,7 +27,7 @@ from ..model.memory import check_fits, inference_bytes
 from ..model.preprocess import create_transform, resolution_of, resolve_data_config
 from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
-from .inference_model import prepare_for_inference
+from .engines import check_engine, runner
 
 DEFAULT_BATCH = 32
 # An input size: a square resolution in px (BiT's squash-resize and scaling) or a data config (bigtransfer.model.preprocess).
@@ -180,13 +180,15 @@ def iter_image_batches(files: Sequence[str | os.PathLike], size: Size, batch_siz
 
 def _run(model: ResNetV2, files: Sequence[str | os.PathLike], config: Size, features: bool, batch_size: int,
          workers: int | None, precision: str, device: str, progress: bool,
-         on_skip: Callable[[Skipped], None] | None) -> tuple[list[int], torch.Tensor | None, list[Skipped]]:
-    dev = pick_device(device)
+         on_skip: Callable[[Skipped], None] | None, engine: str = "torch",
+         ) -> tuple[list[int], torch.Tensor | None, list[Skipped]]:
+    check_engine(engine, precision, device)
+    dev = pick_device("cpu" if engine == "onnxruntime" else device)
     size = _transform(config)[1]
     batch = min(batch_size, max(1, len(files)))
     check_fits(inference_bytes(model.arch, model.num_classes, size, batch),
                f"{model.arch.name} on {size}x{size} px in batches of {batch}", "lower --resolution or --batch", dev)
-    fast = prepare_for_inference(model.to(dev), precision=precision)
+    run = runner(model.to(dev), engine, precision, features)
     skipped: list[Skipped] = []
 
     def note(s: Skipped) -> None:
@@ -200,7 +202,7 @@ def _run(model: ResNetV2, files: Sequence[str | os.PathLike], config: Size, feat
                                               desc="embedding" if features else "predicting",
                                               pin_memory=dev.type == "cuda"):
         x = images.to(dev, non_blocking=True)
-        out = fast.forward_features(x) if features else fast(x)
+        out = run(x)
         kept.extend(indices)
         outputs.append(out.float().cpu())
     return kept, (torch.cat(outputs) if outputs else None), skipped
@@ -209,11 +211,17 @@ def _run(model: ResNetV2, files: Sequence[str | os.PathLike], config: Size, feat
 def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: Size, top_k: int = 5,
                   labels: Sequence[str] | None = None, batch_size: int = DEFAULT_BATCH, workers: int | None = None,
                   precision: str = "fp32", device: str = "auto", progress: bool = False,
-                  on_skip: Callable[[Skipped], None] | None = None) -> tuple[list[Prediction], list[Skipped]]:
-    """Top-k classes with softmax scores for every decodable file, and the files that were skipped."""
+                  on_skip: Callable[[Skipped], None] | None = None,
+                  engine: str = "torch") -> tuple[list[Prediction], list[Skipped]]:
+    """Top-k classes with softmax scores for every decodable file, and the files that were skipped.
+
+    `engine`: "torch" (prepare_for_inference) or "onnxruntime" (our ONNX export, fp32 on the CPU; see
+    bigtransfer.deploy.engines).
+    """
     if top_k < 1:
         raise UserError(f"top-k must be at least 1, got {top_k}")
-    kept, logits, skipped = _run(model, files, size, False, batch_size, workers, precision, device, progress, on_skip)
+    kept, logits, skipped = _run(model, files, size, False, batch_size, workers, precision, device, progress, on_skip,
+                                 engine)
     if logits is None:
         return [], skipped
     probs = torch.softmax(logits.double(), dim=1)
@@ -228,9 +236,10 @@ def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: Siz
 
 def embed_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: Size, batch_size: int = DEFAULT_BATCH,
                 workers: int | None = None, precision: str = "fp32", device: str = "auto", progress: bool = False,
-                on_skip: Callable[[Skipped], None] | None = None) -> Embeddings:
-    """Pooled pre-logits (N, feature_dim) of every decodable file, in input order."""
-    kept, feats, skipped = _run(model, files, size, True, batch_size, workers, precision, device, progress, on_skip)
+                on_skip: Callable[[Skipped], None] | None = None, engine: str = "torch") -> Embeddings:
+    """Pooled pre-logits (N, feature_dim) of every decodable file, in input order (`engine`: as predict_files)."""
+    kept, feats, skipped = _run(model, files, size, True, batch_size, workers, precision, device, progress, on_skip,
+                                engine)
     if feats is None:
         return Embeddings(np.zeros((0, model.feature_dim), np.float32), [], [], skipped)
     return Embeddings(feats.numpy().astype(np.float32, copy=False), [str(files[i]) for i in kept], kept, skipped)
@@ -241,13 +250,13 @@ ImageInput = str | os.PathLike | PILImage.Image
 
 def predict(model: ResNetV2 | str | os.PathLike, images: ImageInput | Sequence[ImageInput], top_k: int = 5,
             resolution: int | None = None, batch_size: int = DEFAULT_BATCH, precision: str = "fp32",
-            device: str = "auto") -> list[Prediction]:
+            device: str = "auto", engine: str = "torch") -> list[Prediction]:
     """Top-k (class index, label name, probability) of each image, best first, prepared as the model records.
 
     `model`: a model, or a name/checkpoint that `create_model` loads. `images`: file paths or PIL images (one or a
     list); a file that cannot be decoded raises ImageError naming it. Label names come from the checkpoint (or
     the released label file); they are None where neither names the classes. `resolution` overrides the size of
-    the model's data config (see resolve_data_config).
+    the model's data config (see resolve_data_config). `engine`: as predict_files.
     """
     if isinstance(model, str | os.PathLike):
         model = create_model(str(model)) if not Path(model).exists() else load_model(None, model)
@@ -256,14 +265,15 @@ def predict(model: ResNetV2 | str | os.PathLike, images: ImageInput | Sequence[I
     items = [images] if isinstance(images, str | os.PathLike | PILImage.Image) else list(images)
     transform = create_transform(resolve_data_config(model, resolution=resolution))
     labels, _ = label_names(model)
-    dev = pick_device(device)
-    fast = prepare_for_inference(model.to(dev), precision=precision)
+    check_engine(engine, precision, device)
+    dev = pick_device("cpu" if engine == "onnxruntime" else device)
+    run = runner(model.to(dev), engine, precision, False)
     preds: list[Prediction] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         x = torch.stack([transform(to_rgb(i) if isinstance(i, PILImage.Image) else open_rgb(i)) for i in chunk])
         with torch.no_grad():
-            probs = torch.softmax(fast(x.to(dev)).double().cpu(), dim=1)
+            probs = torch.softmax(run(x.to(dev)).double().cpu(), dim=1)
         scores, classes = probs.topk(min(top_k, probs.shape[1]), dim=1)
         for item, cs, ss in zip(chunk, classes, scores, strict=True):
             name = str(item) if not isinstance(item, PILImage.Image) else "<image>"

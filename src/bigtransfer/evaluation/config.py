@@ -94,6 +94,9 @@ class FrozenEvalConfig:
                                      "else 480)", kind="resolution")
     k: int = setting(DEFAULT_K, "neighbours that vote (default %(default)s; capped at the training size)")
     precision: str = setting("fp32", "inference precision (default %(default)s)", choices=UNSCALED_PRECISIONS)
+    # bigtransfer.deploy.engines.ENGINES (named here: config modules import no torch; a test keeps them equal).
+    engine: str = setting("torch", "torch (default) or onnxruntime: our ONNX export run by onnxruntime, fp32 on the "
+                          "CPU, checked against the eager model on the first batch", choices=("torch", "onnxruntime"))
     batch: int = setting(32, "images per forward pass (default %(default)s)", metavar="N")
     workers: int | None = setting(None, "decoding processes (default: one per core, at most 8)", metavar="N")
     device: str = setting("auto", "auto (default), cpu, cuda, cuda:N or mps")
@@ -113,6 +116,10 @@ class FrozenEvalConfig:
         if self.k < 1 or self.batch < 1:
             raise UserError(f"k and batch must be positive, got k={self.k}, batch={self.batch}")
         check_precision(self.precision)
+        # Imported here: deploy.engines imports torch, which config modules don't at import time.
+        from ..deploy.engines import check_engine
+
+        check_engine(self.engine, self.precision, self.device)
 
 
 @dataclass

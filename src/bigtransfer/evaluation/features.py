@@ -107,11 +107,12 @@ def _read_cache(path: Path, n_files: int) -> tuple[np.ndarray, np.ndarray, list[
 def extract_features(model: ResNetV2, files: Sequence[str | os.PathLike], resolution: int,
                      cache: str | os.PathLike | None | bool = True, precision: str = "fp32",
                      batch_size: int = DEFAULT_BATCH, workers: int | None = None, device: str = "auto",
-                     progress: bool = False, weights: str | None = None) -> FeatureSet:
+                     progress: bool = False, weights: str | None = None, engine: str = "torch") -> FeatureSet:
     """Pre-logits of `files` at `resolution`, read from the cache when the same weights saw the same files.
 
     `cache`: True for the default folder, a folder path, or False/None to compute without caching.
-    `weights`: the model's weights_digest, if already known.
+    `weights`: the model's weights_digest, if already known. `engine`: as embed_files; the cache is shared by
+    both engines, whose features agree within the export check's tolerance.
     """
     key = cache_key(model, files, resolution, precision, weights)
     path: Path | None = None
@@ -122,7 +123,7 @@ def extract_features(model: ResNetV2, files: Sequence[str | os.PathLike], resolu
         if hit is not None:
             return FeatureSet(hit[0], hit[1], hit[2], key, True, path)
     emb = embed_files(model, files, resolution, batch_size=batch_size, workers=workers, precision=precision,
-                      device=device, progress=progress)
+                      device=device, progress=progress, engine=engine)
     kept = np.array(emb.indices, dtype=np.int64)
     if path is not None:
         with atomic_path(path) as tmp, open(tmp, "wb") as out:

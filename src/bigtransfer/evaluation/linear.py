@@ -235,7 +235,7 @@ def _frozen_eval(c: FrozenEvalConfig, say: Callable[[str], None]) -> dict:
     cache = (c.cache or True) if c.use_cache else False
     digest = weights_digest(model)
     common = dict(cache=cache, precision=c.precision, batch_size=c.batch, workers=c.workers, device=c.device,
-                  weights=digest)
+                  weights=digest, engine=c.engine)
     t1 = time.perf_counter()
     train = extract_features(model, [i.source for i in splits.train], size, progress=True, **common)
     test = extract_features(model, [i.source for i in splits.eval], size, progress=True, **common)

@@ -1,0 +1,95 @@
+"""What runs a model for predict, embed and evaluate: torch (prepare_for_inference) or onnxruntime on our export.
+
+onnxruntime is an optional extra (`pip install 'bigtransfer[onnx]'`), imported only when asked for. Its graph is
+the same folded export as `bigtransfer export` writes, and it is held to the same standard: on the first batch
+its output is compared with the eager fp32 model, and a relative error (max |diff| / max |eager|) above
+ORT_RTOL stops the run before any result is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..core.errors import UserError
+from ..model.resnetv2 import ResNetV2
+from .export import DEFAULT_RTOL, INPUT_NAME, ExportError, folded_module, output_name, write_onnx
+from .inference_model import prepare_for_inference
+
+ENGINES = ("torch", "onnxruntime")
+# The export check's tolerance: fp32 throughout, so only summation order differs (measured 1e-6 to 1e-5).
+ORT_RTOL = DEFAULT_RTOL
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_engine(engine: str, precision: str = "fp32", device: str = "auto") -> None:
+    """Refuse an unknown engine, or onnxruntime with a precision or device it does not run here."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "onnxruntime":
+        if precision != "fp32":
+            raise UserError(f"--engine onnxruntime runs fp32 only, not {precision}; drop --precision "
+                            "or use --engine torch")
+        if device not in ("auto", "cpu"):
+            raise UserError(f"--engine onnxruntime runs on the CPU here, not on {device}; use --device cpu "
+                            "or --engine torch")
+
+
+def import_onnxruntime():
+    """The onnxruntime module, or a UserError saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("--engine onnxruntime needs the onnxruntime package: pip install 'bigtransfer[onnx]' "
+                        "(or use --engine torch)") from None
+    return onnxruntime
+
+
+def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+class OnnxRuntimeRunner:
+    """Logits (or pre-logits) from an onnxruntime session on the model's ONNX export, checked on the first batch."""
+
+    def __init__(self, model: ResNetV2, features: bool) -> None:
+        ort = import_onnxruntime()
+        model = copy.deepcopy(model).float().cpu().eval()
+        if features:
+            model.reset_head(0)  # the graph's output is then the pooled pre-logits
+        self.output = output_name(model)
+        self.checked: float | None = None  # the first batch's relative error, once checked
+        self._reference: ResNetV2 | None = model
+        with tempfile.TemporaryDirectory(prefix="bigtransfer-ort-") as folder:
+            path = Path(folder) / "model.onnx"
+            write_onnx(folded_module(model), path, name="the onnxruntime engine's export")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            # The session reads the file while it is built, so the temporary file can go right after.
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().cpu().contiguous()
+        got = torch.from_numpy(self.session.run([self.output], {INPUT_NAME: x.numpy()})[0])
+        if self._reference is not None:
+            with torch.no_grad():
+                ref = self._reference(x)
+            err = _rel_error(got, ref)
+            if not err <= ORT_RTOL:
+                raise ExportError(f"onnxruntime's output differs from the eager model on the first batch (relative "
+                                  f"error {err:.2e}, allowed {ORT_RTOL:g}); nothing was computed with it: "
+                                  "use --engine torch")
+            self.checked, self._reference = err, None
+        return got
+
+
+def runner(model: ResNetV2, engine: str, precision: str, features: bool) -> Runner:
+    """A callable giving logits (or, with `features`, pre-logits) of a batch on the model's device, float32."""
+    if engine == "onnxruntime":
+        return OnnxRuntimeRunner(model, features)
+    fast = prepare_for_inference(model, precision=precision)
+    return fast.forward_features if features else fast
