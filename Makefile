@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,13 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Ours vs HF transformers vs onnxruntime on our export, the matmul limit and issue 14's targets: a few minutes.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_models.py --quick --no-memory
+
+# On a GPU machine (python3 with torch; bigtransfer need not be installed): CUDA tests, then the GPU benchmark.
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
