@@ -401,7 +401,7 @@ def test_more_output_paths_are_checked_before_the_work(images, tmp_path, capsys,
     import bigtransfer.deploy.inference as inference
 
     save_checkpoint(_model(), tmp_path / "m.safetensors")
-    monkeypatch.setattr(inference, "prepare_for_inference", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr(inference, "runner", lambda *a, **k: pytest.fail("the work started"))
     (tmp_path / "afile").write_text("x")
     (tmp_path / "dir.npy").mkdir()
     embed = ["embed", str(images), "--weights", str(tmp_path / "m.safetensors"), "--resolution", "32", "--out"]
