@@ -169,7 +169,7 @@ def test_torchrun_pretraining_with_nccl(sharding, tmp_path):
     out = tmp_path / "run"
     _torchrun(["--data", str(manifest), "--out", str(out), "--model", "R14x0.5", "--steps", "3", "--batch", "8",
                "--resolution", "32", "--lr", "0.05", "--warmup-steps", "1", "--log-every", "1", "--workers", "0",
-               "--quiet", "--device", "cuda", "--precision", "bf16", *sharding])
+               "--holdout", "0.25", "--quiet", "--device", "cuda", "--precision", "bf16", *sharding])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "nccl" and summary["world_size"] == 1
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()

@@ -132,6 +132,26 @@ def test_single_process_environment(monkeypatch):
     assert du.any_process(True, env.device) and not du.any_process(False, env.device)
 
 
+def test_torchrun_with_one_process_joins_a_group_and_wraps(monkeypatch):
+    """torchrun --nproc_per_node 1 takes the multi-process path (Gloo here, NCCL on a GPU), DDP and FSDP included."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port))):
+        monkeypatch.setenv(var, value)
+    env = du.init_distributed("cpu")
+    try:
+        assert (env.world_size, env.backend) == (1, "gloo") and torch.distributed.is_initialized()
+        assert type(du.wrap_ddp(torch.nn.Linear(2, 2), env)).__name__ == "DistributedDataParallel"
+        assert du.all_reduce_sum(torch.tensor([3.0])).item() == 3.0
+    finally:
+        du.cleanup()
+    assert not torch.distributed.is_initialized()
+
+
 def test_half_configured_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)

@@ -55,7 +55,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     if device == "cuda" and not torch.cuda.is_available():
         raise SetupError("device 'cuda' requested but this torch build sees no CUDA GPU")
     world = _env_int("WORLD_SIZE") if "WORLD_SIZE" in os.environ else 1
-    if world <= 1:
+    # Started by torchrun, even as its only process (--nproc_per_node 1), the run joins a process group and takes
+    # the multi-process path (DDP or FSDP, NCCL on GPUs): what runs on one GPU is then what runs on eight.
+    if world <= 1 and not all(v in os.environ for v in _TORCHRUN_VARS):
         dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return DistEnv(device=dev)
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
@@ -128,7 +130,7 @@ def any_process(flag: bool, device: torch.device) -> bool:
 
 def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
     """DistributedDataParallel over the group (gradients averaged by all-reduce), or the model itself alone."""
-    if not env.distributed:
+    if not dist.is_initialized():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
