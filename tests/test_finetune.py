@@ -79,7 +79,7 @@ def finished(folder, tmp_path_factory):
 
 def test_end_to_end_writes_every_output_and_the_checkpoint_loads_back(folder, finished):
     out, summary, _ = finished
-    for name in ("config.json", "metrics.jsonl", "summary.json", "state.pt", "checkpoint.safetensors",
+    for name in ("config.json", "metrics.jsonl", "metrics.csv", "summary.json", "state.pt", "checkpoint.safetensors",
                  "loss.png", "lr.png", "accuracy.png", "confusion.png"):
         assert (out / name).is_file(), name
     for name in ("loss.png", "lr.png", "accuracy.png", "confusion.png"):
@@ -99,6 +99,8 @@ def test_end_to_end_writes_every_output_and_the_checkpoint_loads_back(folder, fi
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records if "eval" not in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval" in r] == [2, 4]
+    csv_rows = (out / "metrics.csv").read_text().splitlines()  # the same records, one row each
+    assert len(csv_rows) == 1 + len(records) and csv_rows[0].startswith("step,loss,lr,")
 
     # The checkpoint loads by name, carries the class names, and reproduces the reported accuracy and loss
     # through an independent evaluation path (images.load_for_eval, one image at a time).

@@ -269,8 +269,10 @@ def test_pretraining_decreases_the_loss(pretrained_run):
     assert [r["step"] for r in evals] == [6, 12] and evals[-1]["eval_loss"] < evals[0]["eval_loss"] < losses[0]
     assert summary["steps"] == 12 and summary["multi_label"] and summary["metric"] == "precision@1"
     assert summary["images_per_s"] > 0 and summary["eval_examples"] == 10
-    for png in ("loss.png", "eval.png"):
+    for png in ("loss.png", "lr.png", "accuracy.png"):
         assert Image.open(out / png).size == (800, 500)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[0] == "step" and "eval_loss" in rows[0] and len(rows) == 1 + len(records)
     saved = json.loads((out / "config.json").read_text())
     assert saved["plan"]["steps"] == 12 and saved["model"] == "R14x0.5"
 

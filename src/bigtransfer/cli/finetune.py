@@ -22,5 +22,6 @@ def run(args: argparse.Namespace) -> int:
 
     summary = run_finetune(config_from(FinetuneConfig, args))
     print(f"checkpoint: {summary['checkpoint']}")
-    print(f"plots: {', '.join(summary['plots'])}")
+    if summary["plots"]:
+        print(f"plots: {', '.join(summary['plots'])}")
     return 0

@@ -1,7 +1,14 @@
-"""Classification metrics (top-k, per-class accuracy, confusion matrix) and a JSON-lines run log."""
+"""Classification metrics (top-k, per-class accuracy, confusion matrix) and a run's metrics log.
+
+`MetricsLog` is the one writer of a run's records: metrics.jsonl (every record as logged), metrics.csv (the same
+records, one row each, scalar values only, nested keys joined with "_": {"eval": {"top1": x}} is column eval_top1)
+and, when asked, TensorBoard event files in OUT/tensorboard (tags train/<key> and eval/<key>).
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -13,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.atomic import write_text
-from ..core.errors import UserError
+from ..core.errors import SetupError, UserError
 from ..core.paths import shown
 
 # The full (C, C) confusion matrix is kept up to this many classes (a plot of it is still legible, its JSON small);
@@ -178,6 +185,121 @@ class JsonlLogger:
             self._file.close()
 
     def __enter__(self) -> JsonlLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def require_tensorboard() -> Any:
+    """torch's TensorBoard writer class; SetupError saying how to install it when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: imported only for --tensorboard
+    except ImportError:
+        raise SetupError("--tensorboard needs the tensorboard package: pip install 'bigtransfer[tensorboard]' "
+                         "(or tensorboard)") from None
+    return SummaryWriter
+
+
+def flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float | int | str | None]:
+    """The scalar values of a record with nested keys joined by "_" (lists, e.g. per-class accuracy, left out)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_scalars(value, f"{name}_"))
+        elif value is None or isinstance(value, bool | int | float | str | np.generic):
+            out[name] = _jsonable(value)
+    return out
+
+
+def _tag(column: str) -> str:
+    """A TensorBoard tag: eval/<metric> for evaluation columns, train/<metric> for the rest."""
+    return f"eval/{column[5:]}" if column.startswith("eval_") else f"train/{column}"
+
+
+class _CsvLog:
+    """metrics.csv: one row per record of metrics.jsonl. A record with a new column (the first evaluation, say)
+    rewrites the file from metrics.jsonl with the wider header, atomically; that happens a handful of times per run,
+    and no row is held in memory."""
+
+    def __init__(self, path: Path, jsonl: Path) -> None:
+        self.path, self.jsonl = path, jsonl
+        self.columns: list[str] = []
+        self._rewrite()
+
+    def _grow(self, row: dict[str, Any]) -> bool:
+        new = [k for k in row if k not in self.columns]
+        self.columns += new
+        return bool(new)
+
+    def _rewrite(self) -> None:
+        rows = [flat_scalars(r) for r in read_jsonl(self.jsonl)]
+        for row in rows:
+            self._grow(row)
+        if "step" in self.columns:
+            self.columns.insert(0, self.columns.pop(self.columns.index("step")))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(self.path, buf.getvalue())
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Add the row of a record already written to metrics.jsonl."""
+        row = flat_scalars(record)
+        if self._grow(row):
+            self._rewrite()
+            return
+        buf = io.StringIO()
+        csv.DictWriter(buf, self.columns, lineterminator="\n").writerow(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(buf.getvalue())
+
+
+class MetricsLog:
+    """A run's records into metrics.jsonl, metrics.csv and (tensorboard=True) TensorBoard event files in OUT.
+
+    `keep_until_step` as `JsonlLogger`'s: when resuming, what was logged after the resumed state is dropped from
+    all three (TensorBoard hides it with a purge at the next step); None starts every log empty (old event files
+    of an earlier run in OUT/tensorboard are removed).
+    """
+
+    def __init__(self, out: str | os.PathLike, keep_until_step: int | None = None, tensorboard: bool = False) -> None:
+        out = Path(out)
+        writer_class = require_tensorboard() if tensorboard else None
+        self.jsonl = JsonlLogger(out / "metrics.jsonl", keep_until_step)
+        self.csv = _CsvLog(out / "metrics.csv", self.jsonl.path)
+        self.board = None
+        if writer_class is not None:
+            folder = out / TENSORBOARD_DIR
+            if keep_until_step is None and folder.is_dir():
+                for old in folder.glob("events.out.tfevents.*"):
+                    old.unlink()
+            self.board = writer_class(str(folder), purge_step=None if keep_until_step is None else keep_until_step + 1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record to every log."""
+        self.jsonl.log(record)
+        self.csv.log(record)
+        if self.board is not None:
+            row = flat_scalars(record)
+            step = int(row.get("step", 0) or 0)
+            for column, value in row.items():
+                if column != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.board.add_scalar(_tag(column), value, step)
+
+    def close(self) -> None:
+        """Close the files (TensorBoard's are flushed)."""
+        self.jsonl.close()
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+
+    def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc: object) -> None:

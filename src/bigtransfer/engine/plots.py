@@ -1,160 +1,75 @@
-"""PNG charts drawn with Pillow alone: line plots, error-bar plots and confusion matrices."""
+"""PNG charts of a run, drawn with matplotlib's Agg backend: loss, learning rate, accuracy, confusions, error bars.
+
+`write_plots(out, records, ...)` draws every chart of a training run from its metrics.jsonl records; fine-tuning
+and pre-training both call it (their records differ: fine-tuning nests {"eval": {...}}, pre-training writes flat
+eval_* keys; `eval_of` reads either). Every file is written atomically (`bigtransfer.core.atomic`), so a run killed
+while drawing leaves the previous chart, never half a PNG.
+
+matplotlib is imported on first use, not with this module: it takes about 2 s to load, and every CLI start would
+pay it. If it cannot be imported, the charts are skipped and `say` is told once per folder which files they would
+have been; the run itself goes on.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from ..core.atomic import atomic_path
 
-# Tableau-like colours that stay distinct for the first ten series.
+# matplotlib's tab10: distinct for the first ten series.
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-# Drawn at SCALE x the final size, then downsampled: Pillow's lines have no anti-aliasing of their own.
-SCALE = 2
-SIZE = (800, 500)
+SIZE = (800, 500)  # pixels of a line chart (at DPI)
+DPI = 100
+# Up to this many classes the confusion chart is the full matrix; above it a matrix is unreadable, so the chart is
+# a summary instead: the most frequent confusions and the least accurate classes.
+MATRIX_MAX_CLASSES = 30
+SUMMARY_ROWS = 20
+RUN_PLOTS = ("loss.png", "lr.png", "accuracy.png", "confusion.png")
 
 Point = tuple[float, float]
+Say = Callable[[str], None]
+_told: set[str] = set()  # folders already told that matplotlib is missing
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+class PlotsUnavailable(ImportError):
+    """matplotlib cannot be imported here."""
+
+
+def _figure(width_px: int, height_px: int) -> Any:
+    """A figure on the Agg canvas (no pyplot: no global state, no display needed)."""
     try:
-        return ImageFont.load_default(size=size * SCALE)
-    except TypeError:  # Pillow without FreeType: a fixed bitmap font
-        return ImageFont.load_default()
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise PlotsUnavailable(f"matplotlib is not installed ({e})") from None
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return []
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-
-    def ticks_for(step: float) -> list[float]:
-        first = math.ceil(lo / step - 1e-9)
-        last = math.floor(hi / step + 1e-9)
-        return [round(i * step, 12) for i in range(first, last + 1)]
-
-    # The round step whose tick count is closest to `count` (the larger step on a tie).
-    candidates = [m * mag for m in (1, 2, 2.5, 5, 10)]
-    return min((ticks_for(step) for step in reversed(candidates)), key=lambda t: abs(len(t) - count))
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return p
 
 
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    a = abs(v)
-    if a >= 1e5 or a < 1e-3:
-        return f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-")
-    if float(v).is_integer():
-        return str(int(v))
-    return f"{v:.4g}"
-
-
-class _Axes:
-    """A plot area with linear or log axes that maps data to pixels and draws frame, ticks and labels."""
-
-    def __init__(self, size: tuple[int, int], title: str, xlabel: str, ylabel: str,
-                 xlim: tuple[float, float], ylim: tuple[float, float], log_x: bool = False, log_y: bool = False,
-                 xticks: Sequence[float] | None = None) -> None:
-        self.w, self.h = size[0] * SCALE, size[1] * SCALE
-        self.img = Image.new("RGB", (self.w, self.h), "white")
-        self.draw = ImageDraw.Draw(self.img)
-        self.font, self.small = _font(15), _font(12)
-        self.log_x, self.log_y = log_x, log_y
-        self.left, self.right, self.top, self.bottom = 80 * SCALE, self.w - 30 * SCALE, 45 * SCALE, self.h - 60 * SCALE
-        self.xlim = self._pad(xlim, log_x, 0.02)
-        self.ylim = self._pad(ylim, log_y, 0.05)
-        self._frame(title, xlabel, ylabel, xticks)
-
-    @staticmethod
-    def _pad(lim: tuple[float, float], log: bool, frac: float) -> tuple[float, float]:
-        lo, hi = lim
-        if log:
-            lo, hi = math.log10(lo), math.log10(hi)
-        if hi - lo < 1e-12:
-            lo, hi = lo - 0.5, hi + 0.5
-        span = hi - lo
-        return lo - span * frac, hi + span * frac
-
-    def px(self, x: float, y: float) -> tuple[float, float]:
-        """Pixel position of a data point."""
-        if self.log_x:
-            x = math.log10(x)
-        if self.log_y:
-            y = math.log10(y)
-        fx = (x - self.xlim[0]) / (self.xlim[1] - self.xlim[0])
-        fy = (y - self.ylim[0]) / (self.ylim[1] - self.ylim[0])
-        return self.left + fx * (self.right - self.left), self.bottom - fy * (self.bottom - self.top)
-
-    def _ticks(self, lim: tuple[float, float], log: bool) -> list[float]:
-        if not log:
-            return nice_ticks(*lim)
-        lo, hi = lim
-        decades = [10.0 ** e for e in range(math.floor(lo), math.ceil(hi) + 1) if lo <= e <= hi]
-        if len(decades) >= 2:
-            return decades
-        # Less than a decade shown: round values placed on the log scale.
-        return [t for t in nice_ticks(10 ** lo, 10 ** hi) if t > 0]
-
-    def _frame(self, title: str, xlabel: str, ylabel: str, xticks: Sequence[float] | None) -> None:
-        d, grid, s = self.draw, (225, 225, 225), SCALE
-        d.text((self.w / 2, 12 * s), title, fill="black", font=self.font, anchor="mt")
-        ys = self._ticks(self.ylim, self.log_y)
-        for t in ys:
-            _, y = self.px(1.0 if self.log_x else 0.0, t)
-            d.line([(self.left, y), (self.right, y)], fill=grid, width=s)
-            d.text((self.left - 6 * s, y), _fmt(t), fill="black", font=self.small, anchor="rm")
-        xs = list(xticks) if xticks is not None else self._ticks(self.xlim, self.log_x)
-        for t in xs:
-            x, _ = self.px(t, 1.0 if self.log_y else 0.0)
-            if not self.left - 1 <= x <= self.right + 1:
-                continue
-            d.line([(x, self.top), (x, self.bottom)], fill=grid, width=s)
-            d.text((x, self.bottom + 6 * s), _fmt(t), fill="black", font=self.small, anchor="mt")
-        d.rectangle([self.left, self.top, self.right, self.bottom], outline="black", width=s)
-        d.text(((self.left + self.right) / 2, self.h - 10 * s), xlabel, fill="black", font=self.font, anchor="md")
-        label = Image.new("RGB", (int(d.textlength(ylabel, font=self.font)) + 4 * s, 22 * s), "white")
-        ImageDraw.Draw(label).text((2 * s, 11 * s), ylabel, fill="black", font=self.font, anchor="lm")
-        rotated = label.rotate(90, expand=True)
-        self.img.paste(rotated, (8 * s, int((self.top + self.bottom) / 2 - rotated.height / 2)))
-
-    def legend(self, entries: Sequence[tuple[str, str]], points: Sequence[tuple[float, float]] = ()) -> None:
-        """A box naming each colour, in whichever inner corner covers the fewest of `points` (pixels)."""
-        if not entries:
-            return
-        d, s = self.draw, SCALE
-        width = max(d.textlength(name, font=self.small) for name, _ in entries) + 40 * s
-        height = len(entries) * 18 * s + 6 * s
-        pad = 8 * s
-        corners = [(self.right - width - pad, self.top + pad), (self.left + pad, self.top + pad),
-                   (self.right - width - pad, self.bottom - height - pad), (self.left + pad, self.bottom - height - pad)]
-
-        def covered(corner: tuple[float, float]) -> int:
-            x0, y0 = corner
-            return sum(x0 <= x <= x0 + width and y0 <= y <= y0 + height for x, y in points)
-
-        x0, y0 = min(corners, key=covered)  # min keeps the first (upper right) on ties
-        d.rectangle([x0, y0, x0 + width, y0 + height], fill="white", outline=(160, 160, 160))
-        for i, (name, colour) in enumerate(entries):
-            y = y0 + 12 * s + i * 18 * s
-            d.line([(x0 + 6 * s, y), (x0 + 26 * s, y)], fill=colour, width=3 * s)
-            d.text((x0 + 32 * s, y), name, fill="black", font=self.small, anchor="lm")
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Downsample to the final size and write the PNG atomically."""
-        out = self.img.resize((self.w // SCALE, self.h // SCALE), Image.LANCZOS)
-        p = Path(path)
-        with atomic_path(p) as tmp:
-            out.save(tmp, format="PNG")
-        return p
+def plots_skipped(paths: Sequence[str | os.PathLike], say: Say | None) -> None:
+    """Say once per folder that matplotlib is missing and which charts are therefore not drawn."""
+    if not paths or say is None:
+        return
+    folder = str(Path(paths[0]).parent)
+    if folder in _told:
+        return
+    _told.add(folder)
+    say(f"matplotlib is not installed, so no charts are drawn; they would be {', '.join(str(p) for p in paths)} "
+        "(pip install matplotlib, then re-run the same command to draw them)")
 
 
 def _finite(points: Sequence[Sequence[float]], log_x: bool, log_y: bool) -> list[tuple[float, ...]]:
@@ -167,131 +82,225 @@ def _finite(points: Sequence[Sequence[float]], log_x: bool, log_y: bool) -> list
         if (log_x and vals[0] <= 0) or (log_y and any(v <= 0 for v in vals[1:])):
             continue
         out.append(tuple(vals))
-    return out
+    return sorted(out)
 
 
-def _densify(pix: Sequence[tuple[float, float]], per_segment: int = 8) -> list[tuple[float, float]]:
-    """Pixel points along a polyline, so the legend can tell which corners a line crosses."""
-    out = list(pix)
-    for (x0, y0), (x1, y1) in zip(pix, pix[1:], strict=False):
-        out += [(x0 + (x1 - x0) * t / per_segment, y0 + (y1 - y0) * t / per_segment) for t in range(1, per_segment)]
-    return out
-
-
-def _limits(values: list[float], fallback: tuple[float, float]) -> tuple[float, float]:
-    return (min(values), max(values)) if values else fallback
+def line_figure(series: Mapping[str, Sequence[Point]], title: str, xlabel: str, ylabel: str, log_y: bool = False,
+                log_x: bool = False, ylim: tuple[float, float] | None = None, hlines: Mapping[str, float] | None = None,
+                size: tuple[int, int] = SIZE) -> Any:
+    """A figure with one line per named series of (x, y) points and dashed horizontal reference lines."""
+    fig = _figure(*size)
+    ax = fig.add_subplot()
+    for i, (name, pts) in enumerate(series.items()):
+        clean = _finite(pts, log_x, log_y)
+        if clean:
+            xs, ys = zip(*clean, strict=True)
+            ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], label=name, marker="o" if len(clean) <= 40 else None,
+                    markersize=4)
+    # The i-th reference line takes the i-th series' colour (chance of top-1 beside top-1), dashed.
+    for i, (name, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, color=PALETTE[i % len(PALETTE)], linestyle="--", linewidth=1, alpha=0.8, label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set_xscale("log" if log_x else "linear")
+    ax.set_yscale("log" if log_y else "linear")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(True, which="major", color="0.9")
+    if len(ax.get_legend_handles_labels()[0]) > 1:
+        ax.legend(loc="best")
+    return fig
 
 
 def line_plot(path: str | os.PathLike, series: Mapping[str, Sequence[Point]], title: str, xlabel: str, ylabel: str,
               log_y: bool = False, log_x: bool = False, ylim: tuple[float, float] | None = None,
-              size: tuple[int, int] = SIZE) -> Path:
-    """Write a PNG with one line per named series of (x, y) points; `ylim` fixes the y range (e.g. 0-1)."""
-    clean = {name: sorted(_finite(pts, log_x, log_y)) for name, pts in series.items()}
-    xs = [p[0] for pts in clean.values() for p in pts]
-    ys = [p[1] for pts in clean.values() for p in pts]
-    fallback = (1.0, 10.0) if (log_x or log_y) else (0.0, 1.0)
-    ax = _Axes(size, title, xlabel, ylabel, _limits(xs, fallback), ylim or _limits(ys, fallback), log_x, log_y)
-    entries, drawn = [], []
-    for i, (name, pts) in enumerate(clean.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        entries.append((name, colour))
-        pix = [ax.px(x, y) for x, y in pts]
-        drawn += _densify(pix)
-        if len(pix) > 1:
-            ax.draw.line(pix, fill=colour, width=2 * SCALE, joint="curve")
-        if len(pix) <= 40:  # short series (e.g. evaluations) get markers so single points show
-            r = 3.5 * SCALE
-            for x, y in pix:
-                ax.draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    if len(clean) > 1:
-        ax.legend(entries, drawn)
-    return ax.save(path)
+              hlines: Mapping[str, float] | None = None, size: tuple[int, int] = SIZE) -> Path:
+    """Write a PNG of `line_figure` (raises PlotsUnavailable without matplotlib)."""
+    return _save(line_figure(series, title, xlabel, ylabel, log_y, log_x, ylim, hlines, size), path)
+
+
+def error_bar_figure(series: Mapping[str, Sequence[tuple[float, float, float, float]]], title: str, xlabel: str,
+                     ylabel: str, log_x: bool = False, hlines: Mapping[str, float] | None = None,
+                     size: tuple[int, int] = SIZE) -> Any:
+    """(x, centre, low, high) points per series: a line through the centres, bars from low to high."""
+    fig = _figure(*size)
+    ax = fig.add_subplot()
+    xs_all: set[float] = set()
+    for i, (name, pts) in enumerate(series.items()):
+        clean = _finite(pts, log_x, False)
+        if not clean:
+            continue
+        x, c, lo, hi = (np.array(v) for v in zip(*clean, strict=True))
+        xs_all.update(x.tolist())
+        ax.errorbar(x, c, yerr=[c - lo, hi - c], color=PALETTE[i % len(PALETTE)], label=name, marker="o",
+                    capsize=5, linewidth=2)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, color="0.45", linestyle="--", linewidth=1, label=name)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if log_x:
+        ax.set_xscale("log")
+    if 0 < len(xs_all) <= 12:  # few x values (shots per class): label exactly those
+        ax.set_xticks(sorted(xs_all), [f"{v:g}" for v in sorted(xs_all)])
+        ax.minorticks_off()
+    ax.grid(True, color="0.9")
+    if len(ax.get_legend_handles_labels()[0]) > 1:
+        ax.legend(loc="best")
+    return fig
 
 
 def error_bar_plot(path: str | os.PathLike, series: Mapping[str, Sequence[tuple[float, float, float, float]]],
-                   title: str, xlabel: str, ylabel: str, log_x: bool = False, size: tuple[int, int] = SIZE) -> Path:
-    """Write a PNG of (x, centre, low, high) points per series: a line through the centres, bars to low/high.
+                   title: str, xlabel: str, ylabel: str, log_x: bool = False, hlines: Mapping[str, float] | None = None,
+                   size: tuple[int, int] = SIZE, say: Say | None = print) -> Path | None:
+    """Write a PNG of `error_bar_figure`; None (after saying so once) when matplotlib is missing.
 
     Typical use: accuracy (median over seeds) against shots per class, with min/max as the bars.
     """
-    clean = {name: sorted(_finite(pts, log_x, False)) for name, pts in series.items()}
-    xs = sorted({p[0] for pts in clean.values() for p in pts})
-    ys = [v for pts in clean.values() for p in pts for v in p[1:]]
-    ax = _Axes(size, title, xlabel, ylabel, _limits(xs, (1.0, 10.0) if log_x else (0.0, 1.0)),
-               _limits(ys, (0.0, 1.0)), log_x=log_x, xticks=xs if 0 < len(xs) <= 12 else None)
-    entries, drawn = [], []
-    for i, (name, pts) in enumerate(clean.items()):
-        colour = PALETTE[i % len(PALETTE)]
-        entries.append((name, colour))
-        centres = [ax.px(x, c) for x, c, _, _ in pts]
-        drawn += _densify(centres) + [ax.px(x, v) for x, _c, lo, hi in pts for v in (lo, hi)]
-        if len(centres) > 1:
-            ax.draw.line(centres, fill=colour, width=2 * SCALE)
-        cap = 5 * SCALE
-        for (x, _c, lo, hi), (px, py) in zip(pts, centres, strict=True):
-            _, ylo = ax.px(x, lo)
-            _, yhi = ax.px(x, hi)
-            ax.draw.line([(px, ylo), (px, yhi)], fill=colour, width=2 * SCALE)
-            ax.draw.line([(px - cap, ylo), (px + cap, ylo)], fill=colour, width=2 * SCALE)
-            ax.draw.line([(px - cap, yhi), (px + cap, yhi)], fill=colour, width=2 * SCALE)
-            r = 4 * SCALE
-            ax.draw.ellipse([px - r, py - r, px + r, py + r], fill=colour)
-    if len(clean) > 1:
-        ax.legend(entries, drawn)
-    return ax.save(path)
+    try:
+        return _save(error_bar_figure(series, title, xlabel, ylabel, log_x, hlines, size), path)
+    except PlotsUnavailable:
+        plots_skipped([path], say)
+        return None
 
 
-def _shade(fraction: float) -> tuple[int, int, int]:
-    """White (0) to dark blue (1)."""
-    f = min(max(fraction, 0.0), 1.0)
-    lo, hi = np.array([255, 255, 255]), np.array([8, 48, 107])
-    return tuple(int(round(v)) for v in lo + (hi - lo) * f)
+def _short(name: str, limit: int = 18) -> str:
+    return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
-def confusion_plot(path: str | os.PathLike, matrix: Sequence[Sequence[int]] | np.ndarray, classes: Sequence[str],
-                   title: str = "Confusion matrix (rows: true class, columns: predicted)") -> Path:
-    """Write a PNG of a confusion matrix: cells shaded by the row's fraction, counts printed when they fit."""
-    m = np.asarray(matrix, dtype=np.int64)
-    n = m.shape[0]
-    if m.shape != (n, n) or len(classes) != n:
-        raise ValueError(f"confusion matrix of shape {m.shape} does not match {len(classes)} class names")
-    s = SCALE
-    cell = max(4, min(48, 640 // max(n, 1))) * s
-    show_names = n <= 60
-    font, small = _font(15), _font(max(7, min(12, cell // s - 4)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    names = [c if len(c) <= 16 else c[:15] + "…" for c in map(str, classes)]
-    label_w = int(max((probe.textlength(c, font=small) for c in names), default=0)) + 12 * s if show_names else 10 * s
-    left, top = label_w + 34 * s, 50 * s
-    width = left + n * cell + 20 * s
-    height = top + n * cell + label_w + 40 * s
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((width / 2, 14 * s), title, fill="black", font=font, anchor="mt")
+def matrix_figure(matrix: np.ndarray, classes: Sequence[str], title: str) -> Any:
+    """The full confusion matrix, cells shaded by the share of their row, counts printed while they fit."""
+    n = matrix.shape[0]
+    side = int(min(1400, max(520, 160 + 34 * n)))
+    fig = _figure(side, side + 40)
+    ax = fig.add_subplot()
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros(matrix.shape, dtype=float), where=rows > 0)
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
+    names = [_short(str(c)) for c in classes]
+    ax.set_xticks(range(n), names, rotation=90, fontsize=8 if n > 15 else 10)
+    ax.set_yticks(range(n), names, fontsize=8 if n > 15 else 10)
+    if n <= 15:
+        for i, j in zip(*np.nonzero(matrix), strict=True):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=9,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class")
+    fig.suptitle(title, wrap=True)
+    return fig
+
+
+def confusion_summary_figure(classes: Sequence[str], top_confusions: Sequence[Mapping[str, int]],
+                             per_class_accuracy: Sequence[float | None], title: str) -> Any:
+    """For many classes: the most frequent confusions and the least accurate classes, as two bar charts."""
+    fig = _figure(1200, 40 * SUMMARY_ROWS + 160)
+    left, right = fig.subplots(1, 2)
+    pairs = list(top_confusions)[:SUMMARY_ROWS]
+    labels = [f"{_short(str(classes[p['true']]))} → {_short(str(classes[p['predicted']]))}" for p in pairs]
+    left.barh(range(len(pairs)), [p["count"] for p in pairs], color=PALETTE[3])
+    left.set_yticks(range(len(pairs)), labels, fontsize=9)
+    left.invert_yaxis()
+    left.set(title=f"{len(pairs)} most frequent confusions (true → predicted)", xlabel="images")
+    scored = sorted((a, i) for i, a in enumerate(per_class_accuracy) if a is not None)[:SUMMARY_ROWS]
+    right.barh(range(len(scored)), [a for a, _ in scored], color=PALETTE[0])
+    right.set_yticks(range(len(scored)), [_short(str(classes[i])) for _, i in scored], fontsize=9)
+    right.invert_yaxis()
+    right.set_xlim(0.0, 1.0)
+    right.set(title=f"{len(scored)} least accurate classes", xlabel="accuracy (share of the class right)")
+    fig.suptitle(title, wrap=True)
+    return fig
+
+
+def _from_matrix(m: np.ndarray) -> tuple[list[dict[str, int]], list[float | None]]:
+    """Top confusions and per-class accuracy of a count matrix (for callers that only have the matrix)."""
+    off = m.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:SUMMARY_ROWS]
+    pairs = [{"true": int(k // m.shape[0]), "predicted": int(k % m.shape[0]), "count": int(off.flat[k])}
+             for k in order if off.flat[k] > 0]
     rows = m.sum(axis=1)
-    for i in range(n):
-        for j in range(n):
-            frac = m[i, j] / rows[i] if rows[i] else 0.0
-            x0, y0 = left + j * cell, top + i * cell
-            d.rectangle([x0, y0, x0 + cell, y0 + cell], fill=_shade(frac), outline=(210, 210, 210))
-            if cell >= 18 * s and m[i, j]:
-                d.text((x0 + cell / 2, y0 + cell / 2), str(int(m[i, j])), font=small, anchor="mm",
-                       fill="white" if frac > 0.5 else "black")
-    d.rectangle([left, top, left + n * cell, top + n * cell], outline="black", width=s)
-    if show_names:
-        for i, name in enumerate(names):
-            d.text((left - 6 * s, top + i * cell + cell / 2), name, fill="black", font=small, anchor="rm")
-            tile = Image.new("RGB", (int(probe.textlength(name, font=small)) + 4 * s, cell), "white")
-            ImageDraw.Draw(tile).text((2 * s, cell / 2), name, fill="black", font=small, anchor="lm")
-            rotated = tile.rotate(90, expand=True)
-            img.paste(rotated, (left + i * cell, top + n * cell + 6 * s))
-    d.text((left + n * cell / 2, height - 8 * s), "predicted", fill="black", font=font, anchor="md")
-    true_label = Image.new("RGB", (int(probe.textlength("true", font=font)) + 4 * s, 22 * s), "white")
-    ImageDraw.Draw(true_label).text((2 * s, 11 * s), "true", fill="black", font=font, anchor="lm")
-    rotated = true_label.rotate(90, expand=True)
-    img.paste(rotated, (6 * s, int(top + n * cell / 2 - rotated.height / 2)))
-    out = img.resize((width // s, height // s), Image.LANCZOS)
-    p = Path(path)
-    with atomic_path(p) as tmp:
-        out.save(tmp, format="PNG")
-    return p
+    return pairs, [float(m[i, i] / t) if t else None for i, t in enumerate(rows)]
+
+
+def confusion_plot(path: str | os.PathLike, matrix: Sequence[Sequence[int]] | np.ndarray | None,
+                   classes: Sequence[str], *, top_confusions: Sequence[Mapping[str, int]] | None = None,
+                   per_class_accuracy: Sequence[float | None] | None = None,
+                   title: str = "Confusion matrix (rows: true class, columns: predicted)") -> Path:
+    """The confusion chart: the matrix up to MATRIX_MAX_CLASSES classes, else (or without a matrix) a summary.
+
+    The summary needs `top_confusions` and `per_class_accuracy` (as `engine.metrics.Evaluation` reports them) when
+    no matrix is given; with a matrix they are computed from it.
+    """
+    n = len(classes)
+    m = None if matrix is None else np.asarray(matrix, dtype=np.int64)
+    if m is not None and m.shape != (n, n):
+        raise ValueError(f"confusion matrix of shape {m.shape} does not match {n} class names")
+    if m is not None and n <= MATRIX_MAX_CLASSES:
+        return _save(matrix_figure(m, classes, title), path)
+    if m is not None:
+        top_confusions, per_class_accuracy = _from_matrix(m)
+    if top_confusions is None or per_class_accuracy is None:
+        raise ValueError("a confusion summary needs top_confusions and per_class_accuracy when there is no matrix")
+    summary_title = f"Confusions of {n} classes (too many for a readable matrix)"
+    return _save(confusion_summary_figure(classes, top_confusions, per_class_accuracy, summary_title), path)
+
+
+def eval_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The evaluation of a metrics record: fine-tuning's nested "eval", or pre-training's flat eval_* keys."""
+    if isinstance(record.get("eval"), Mapping):
+        return dict(record["eval"])
+    flat = {k[len("eval_"):]: v for k, v in record.items() if k.startswith("eval_")}
+    if not flat:
+        return None
+    if "precision_at_1" in flat:
+        flat.setdefault("top1", flat["precision_at_1"])  # precision@1 is top-1 on single-label data
+    return flat
+
+
+def _chart_series(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict, dict]:
+    """Loss, lr and accuracy series of a run's records."""
+    train = [r for r in records if "loss" in r and eval_of(r) is None]
+    evals = [(r["step"], eval_of(r)) for r in records if eval_of(r) is not None]
+    loss = {"training loss": [(r["step"], r["loss"]) for r in train]}
+    if evals:
+        loss["evaluation loss"] = [(s, e["loss"]) for s, e in evals if e.get("loss") is not None]
+    lr = {"lr": [(r["step"], r["lr"]) for r in train if "lr" in r]}
+    acc = {name: [(s, e[key]) for s, e in evals if e.get(key) is not None]
+           for key, name in (("top1", "top-1"), ("top5", "top-5"))}
+    return loss, lr, {k: v for k, v in acc.items() if v}
+
+
+def write_plots(out: str | os.PathLike, records: Sequence[Mapping[str, Any]], *, classes: Sequence[str] | None = None,
+                evaluation: Mapping[str, Any] | None = None, chance: Mapping[str, float] | None = None,
+                metric: str = "accuracy", lr_title: str = "Learning rate", say: Say | None = print) -> list[Path]:
+    """Every chart of a run in OUT: loss.png, lr.png (log scale), accuracy.png (with chance levels), confusion.png.
+
+    `records`: the run's metrics records; `evaluation`: the latest evaluation result with its confusions
+    (`engine.metrics.Evaluation.result()`), for confusion.png; `chance`: reference lines on the accuracy chart,
+    e.g. {"chance (top-1)": 1 / classes}. Returns the files written; none (after saying so once) without matplotlib.
+    """
+    out = Path(out)
+    loss, lr, acc = _chart_series(records)
+    if classes is not None and len(classes) <= 5:
+        acc.pop("top-5", None)  # always 1.0 with 5 classes or fewer: says nothing
+    wanted = [out / n for n in RUN_PLOTS[:3]]
+    if evaluation is not None and classes is not None:
+        wanted.append(out / "confusion.png")
+    try:
+        written = [line_plot(wanted[0], loss, "Loss", "step", "cross-entropy", log_y=True),
+                   line_plot(wanted[1], lr, lr_title, "step", "learning rate (log scale)", log_y=True),
+                   line_plot(wanted[2], acc, f"Evaluation {metric}", "step", f"{metric} (fraction)", ylim=(0.0, 1.0),
+                             hlines=chance)]
+        if len(wanted) == 4:
+            written.append(confusion_plot(wanted[3], evaluation.get("confusion"), classes,
+                                          top_confusions=evaluation.get("top_confusions"),
+                                          per_class_accuracy=evaluation.get("per_class_accuracy")))
+    except PlotsUnavailable:
+        plots_skipped(wanted, say)
+        return []
+    return written
+
+
+def chance_levels(num_classes: int) -> dict[str, float]:
+    """Accuracy of guessing uniformly at random: 1/C for top-1, 5/C for top-5 (when there are more than 5 classes)."""
+    levels = {"chance (top-1)": 1.0 / num_classes}
+    if num_classes > 5:
+        levels["chance (top-5)"] = 5.0 / num_classes
+    return levels

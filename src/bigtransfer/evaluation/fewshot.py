@@ -125,4 +125,5 @@ def _write_outputs(out: Path, c: FewShotConfig, results: dict[str, Any]) -> None
     ks = [p[0] for p in points]
     error_bar_plot(out / "accuracy_vs_shots.png", {"top-1: median over seeds, bars min-max": points},
                    f"Few-shot fine-tuning of {c.train.model}: median top-1 over {c.seeds} seeds, bars min to max",
-                   "examples per class", "top-1 accuracy", log_x=max(ks) >= 10 * min(ks))
+                   "examples per class", "top-1 accuracy", log_x=max(ks) >= 10 * min(ks),
+                   hlines={"chance": 1.0 / len(results["classes"])})

@@ -76,12 +76,14 @@ class FinetuneConfig:
                                      cli=False)
     mixup_alpha: float | None = setting(None, "None: the HyperRule's (0 under 20k examples, else 0.1); VTAB's "
                                         "--tuned draws it", cli=False)
+    tensorboard: bool = setting(False, "also log to TensorBoard event files in RUN/tensorboard (pip install "
+                                "'bigtransfer[tensorboard]')")
 
     # The settings that may differ when a run is resumed (how it is spread, shown and checked, not what it
     # computes); every other one must equal the saved value (`engine.rundir`'s one rule).
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
         "out", "batch_split", "channels_last", "grad_checkpointing", "device", "eval_every", "save_every", "workers",
-        "eval_batch", "strict", "quiet", "silent", "overwrite"})
+        "eval_batch", "strict", "quiet", "silent", "overwrite", "tensorboard"})
 
     def normalized(self) -> FinetuneConfig:
         """A copy with absolute paths and a tuple resolution, after checking every value."""
@@ -128,7 +130,16 @@ class FinetuneConfig:
         if self.weights is not None and not Path(self.weights).expanduser().is_file():
             raise FileNotFoundError(f"{self.weights}: no such weights file")
         check_out_folder(self.out, "a run directory")
+        if self.tensorboard:
+            _require_tensorboard()  # now, not after the data and the model are loaded
         _model_info(self.model)  # raises a ValueError listing the known names
+
+
+def _require_tensorboard() -> None:
+    # engine.metrics loads torch: imported when a run asks for TensorBoard, not when the options are built.
+    from ..engine.metrics import require_tensorboard
+
+    require_tensorboard()
 
 
 def _model_info(name: str) -> Any:

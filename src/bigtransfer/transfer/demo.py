@@ -150,10 +150,11 @@ def run_demo(out: str | os.PathLike = "bigtransfer-demo", settings: DemoSettings
         print(f"  {'difference of medians':34s}{gains}")
     series = {title: [(k, *_stats(v)) for k, v in row.items()] for title, row in table.items()}
     plot = error_bar_plot(out / "accuracy_vs_shots.png", series, "10-class digits: top-1 vs examples per class",
-                          "examples per class", "top-1", log_x=True)
+                          "examples per class", "top-1", log_x=True, hlines={"chance (10 classes)": 0.1})
     write_text(out / "results.json", json.dumps(results, indent=1))
     last = summaries[-1]
-    print(f"\nWrote {out / 'results.json'} and {plot}; each run (config.json, metrics.jsonl, summary.json, "
+    wrote = f"{out / 'results.json'}" + (f" and {plot}" if plot else "")
+    print(f"\nWrote {wrote}; each run (config.json, metrics.jsonl, summary.json, "
           f"plots, checkpoint:) is in {out}/<model>/k<K>/seed<S>/, e.g. {last['checkpoint']}")
     print(f"Demo finished in {time.perf_counter() - t0:.0f} s. Same on your own images: bigtransfer finetune "
           "--data YOUR_FOLDER --model BiT-M-R50x1 --out RUN")

@@ -8,8 +8,9 @@ permutations step s uses depend on (seed, s) only, so a run killed and re-run wi
 RUN/state.pt and ends with the same weights as an uninterrupted run (bit for bit on CPU).
 
 RUN/ holds: config.json (every setting and the resolved plan), metrics.jsonl (one record per step and per
-evaluation; "step" counts completed updates), state.pt (resume point), checkpoint.safetensors (final weights,
-class names as labels), summary.json, and loss.png, lr.png, accuracy.png, confusion.png.
+evaluation; "step" counts completed updates) and metrics.csv (the same records), state.pt (resume point),
+checkpoint.safetensors (final weights, class names as labels), summary.json, and loss.png, lr.png, accuracy.png,
+confusion.png; with tensorboard=True also TensorBoard event files in RUN/tensorboard/.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from ..data.datasets import (
 from ..data.sampling import mix_seed
 from ..deploy.inference_model import prepare_for_inference
 from ..engine.device import describe, grad_scaler, pick_device, sgd, training_layout
-from ..engine.metrics import Evaluation, JsonlLogger, read_jsonl, to_json
-from ..engine.plots import confusion_plot, line_plot
+from ..engine.metrics import Evaluation, MetricsLog, read_jsonl, to_json
+from ..engine.plots import RUN_PLOTS, chance_levels, write_plots
 from ..engine.progress import Progress
 from ..engine.rundir import RunDir, RunDirError, must_match
 from ..engine.step import accumulate_and_step, evaluation_pass
@@ -59,8 +60,8 @@ from .config import EVALS_PER_RUN, FinetuneConfig, recommended_settings  # noqa:
 from .hyperrule import make_plan
 
 # Files a run writes; --overwrite removes exactly these.
-RUN_FILES = ("config.json", "metrics.jsonl", "state.pt", "summary.json", "checkpoint.safetensors",
-             "loss.png", "lr.png", "accuracy.png", "confusion.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "state.pt", "summary.json", "checkpoint.safetensors",
+             *RUN_PLOTS)
 MOMENTUM = 0.9
 PLOT_EVERY_S = 60.0  # redraw the plots at an evaluation at most this often (and always at the end)
 
@@ -190,22 +191,6 @@ def _config_record(settings: dict[str, Any], plan: Any, splits: Any, fingerprint
     }
 
 
-def _write_plots(out: Path, records: list[dict[str, Any]], classes: list[str], confusion: Any | None) -> None:
-    train = [r for r in records if "loss" in r and "eval" not in r]
-    evals = [r for r in records if "eval" in r]
-    loss = {"training loss": [(r["step"], r["loss"]) for r in train]}
-    if evals:
-        loss["evaluation loss"] = [(r["step"], r["eval"]["loss"]) for r in evals if r["eval"]["loss"] is not None]
-    line_plot(out / "loss.png", loss, "Loss", "step", "cross-entropy", log_y=True)
-    line_plot(out / "lr.png", {"lr": [(r["step"], r["lr"]) for r in train]}, "Learning rate (BiT-HyperRule)",
-              "step", "learning rate")
-    acc = {"top-1": [(r["step"], r["eval"]["top1"]) for r in evals if r["eval"]["top1"] is not None],
-           "top-5": [(r["step"], r["eval"]["top5"]) for r in evals if r["eval"]["top5"] is not None]}
-    line_plot(out / "accuracy.png", acc, "Evaluation accuracy", "step", "accuracy (fraction)", ylim=(0.0, 1.0))
-    if confusion is not None:
-        confusion_plot(out / "confusion.png", confusion, classes)
-
-
 def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Fine-tune as `config` says (resuming RUN/state.pt when present); return the summary also saved as summary.json.
 
@@ -320,7 +305,7 @@ class _Training:
         self.last_eval: dict[str, Any] | None = next((r["eval"] for r in reversed(self.records) if "eval" in r), None)
         self.wall_before = self.counters["wall_time_s"]
         self.plotted = time.perf_counter()  # when the plots were last drawn
-        self.logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=self.start if resume else None)
+        self.logger = MetricsLog(out, keep_until_step=self.start if resume else None, tensorboard=c.tensorboard)
 
     def save(self, step: int) -> None:
         self.counters["wall_time_s"] = self.wall_before + time.perf_counter() - self.t_start
@@ -341,7 +326,9 @@ class _Training:
         self.say(f"eval at step {done}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss "
                  f"{result['loss']:.4f} ({result['examples']} {splits.eval_name} images)")
         if done == self.plan.end or time.perf_counter() - self.plotted > PLOT_EVERY_S:
-            _write_plots(self.out, self.records, splits.classes, result["confusion"])
+            write_plots(self.out, self.records, classes=splits.classes, evaluation=result,
+                        chance=chance_levels(len(splits.classes)), lr_title="Learning rate (BiT-HyperRule)",
+                        say=self.say)
             self.plotted = time.perf_counter()
         return result
 
@@ -453,5 +440,5 @@ def _summary(c: FinetuneConfig, plan: Any, splits: Any, ev: dict[str, Any], k: d
         "batch": c.batch,
         "base_lr": plan.base_lr,
         "checkpoint": str(out / "checkpoint.safetensors"),
-        "plots": [str(out / n) for n in ("loss.png", "lr.png", "accuracy.png", "confusion.png")],
+        "plots": [str(out / n) for n in RUN_PLOTS if (out / n).is_file()],  # none without matplotlib
     }

@@ -96,12 +96,14 @@ class PretrainConfig:
     max_eval: int | None = setting(None, "evaluate on at most N held-out images", metavar="N")
     stop_after: int | None = setting(None, "end this job after update N with the state saved (for time-limited job "
                                      "slots); rerun to go on", metavar="N")
+    tensorboard: bool = setting(False, "also log to TensorBoard event files in OUT/tensorboard (pip install "
+                                "'bigtransfer[tensorboard]')")
 
     # The settings that may differ between a run and its resumption: how the work is spread, not what is computed
     # (`engine.rundir`'s one rule); every other one must equal the value saved in state.pt.
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
         "batch_split", "fsdp", "grad_checkpointing", "workers", "device", "eval_every", "save_every", "log_every",
-        "check_images", "max_eval", "out", "stop_after"})
+        "check_images", "max_eval", "out", "stop_after", "tensorboard"})
 
     def preset_info(self) -> Preset:
         """The Preset this config names."""
@@ -143,3 +145,7 @@ class PretrainConfig:
         from ..model.registry import resolve
 
         resolve(self.model)  # raises a ValueError listing the known names
+        if self.tensorboard:
+            from ..engine.metrics import require_tensorboard  # loads torch, as the registry above does
+
+            require_tensorboard()  # before the data is read, not at the first log line

@@ -52,8 +52,8 @@ from ..core.errors import UserError, is_user_error
 from ..core.runfolder import StopOnSignal
 from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
 from ..engine.device import sgd, training_layout
-from ..engine.metrics import JsonlLogger, read_jsonl, to_json
-from ..engine.plots import line_plot
+from ..engine.metrics import MetricsLog, read_jsonl, to_json
+from ..engine.plots import write_plots
 from ..engine.progress import Progress
 from ..engine.rundir import RunDir
 from ..engine.schedule import idle_warning, piecewise_lr
@@ -237,15 +237,6 @@ def evaluate(net: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
     return {"eval_loss": loss_sum / count, "eval_precision_at_1": correct / count, "eval_examples": int(count)}
 
 
-def _write_plots(out: Path, records: list[dict[str, Any]], metric_name: str) -> None:
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    line_plot(out / "loss.png", {"train": train, "held-out": [(r["step"], r["eval_loss"]) for r in evals]},
-              "Pre-training loss", "update", "loss")
-    line_plot(out / "eval.png", {metric_name: [(r["step"], r["eval_precision_at_1"]) for r in evals]},
-              f"Held-out {metric_name}", "update", metric_name)
-
-
 def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any]:
     """Pre-train `config.model` on `config.data` into `config.out`; returns the summary (same on every rank)."""
     config.validate()
@@ -401,7 +392,8 @@ class _Pretraining:
         config, env, plan, out, start = self.config, self.env, self.plan, self.out, self.start
         if env.is_main:
             self.rundir.write_config({**asdict(config), "plan": asdict(plan)})
-        self.logger = JsonlLogger(out / "metrics.jsonl", keep_until_step=start if start else None) if env.is_main else None
+        self.logger = (MetricsLog(out, keep_until_step=start if start else None, tensorboard=config.tensorboard)
+                       if env.is_main else None)
         self.first_loss, self.last_loss, self.logged_eval = None, None, None
         if start:
             self.first_loss, self.last_loss, self.logged_eval = dist_utils.broadcast_object(
@@ -499,7 +491,9 @@ class _Pretraining:
                        "timed_updates": self.timed_steps, "checkpoint": str(out / FINAL_FILE), "plan": asdict(plan)}
             write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
             self.logger.close()
-            _write_plots(out, read_jsonl(out / "metrics.jsonl"), self.metric_name)
+            # Chance level is 1/C for single-label data; multi-label precision@1 has none that is independent of the data.
+            write_plots(out, read_jsonl(out / "metrics.jsonl"), metric=self.metric_name, lr_title="Learning rate",
+                        chance=None if data.multi_label else {"chance": 1.0 / len(data.classes)}, say=self.say)
             self.say(f"wrote {out / FINAL_FILE}; summary in {out / 'summary.json'}")
         dist_utils.barrier()
         return dist_utils.broadcast_object(summary)
