@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -39,8 +40,8 @@ from .sources import DataSourceError, find_examples, is_npz_row, npz_row
 from .transforms import EvalTransform, TrainTransform, eval_transform, train_transform
 
 __all__ = ["DataSourceError", "DataSplits", "EvalTransform", "ImageDataset", "Item", "Skipped", "StepSampler",
-           "TrainTransform", "batch_indices", "default_workers", "eval_transform", "image_size_of", "load_splits",
-           "make_loader", "sample_seed", "train_transform"]
+           "TrainTransform", "batch_indices", "dataset_splits", "default_workers", "describe_dataset", "eval_transform",
+           "image_size_of", "load_splits", "make_loader", "sample_seed", "train_transform"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class DataSplits:
     ignored: int = 0
     notes: list[str] = field(default_factory=list)
     unused: dict[str, int] = field(default_factory=dict)  # explicit splits not used: val beside test
+    opener: Callable[[str], Image.Image] | None = None  # reads an item's image when it is no file (torch Datasets)
 
     def class_counts(self) -> dict[str, list[int]]:
         """Images per class (in class order, zeros included) in train and in the evaluation split."""
@@ -249,6 +251,114 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
     return DataSplits(train, held, found.classes, found.eval_name, skipped, found.ignored, notes, found.unused)
 
 
+# ---------------------------------------------------------------- torch Datasets given in Python
+
+def _pil_of(image: object, where: str) -> Image.Image:
+    """An RGB PIL image from what a user's Dataset returns: a PIL image, or a CHW/HWC/HW tensor or array
+    (uint8 0-255, or floating point 0-1)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    if isinstance(image, torch.Tensor | np.ndarray):
+        a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+            a = a.transpose(1, 2, 0)  # CHW (torch's layout) to HWC
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] != 3) or min(a.shape[:2]) < 1:
+            raise UserError(f"{where}: an image tensor must be CHW, HWC or HW with 1 or 3 channels, got shape "
+                            f"{tuple(image.shape)}")
+        if a.dtype == np.uint8:
+            pixels = a
+        elif np.issubdtype(a.dtype, np.floating):
+            if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
+                raise UserError(f"{where}: a floating-point image tensor must hold pixels in [0, 1] (as torchvision's "
+                                f"ToTensor gives), got values from {a.min():g} to {a.max():g}")
+            pixels = np.rint(a * 255.0).astype(np.uint8)
+        else:
+            raise UserError(f"{where}: an image tensor must be uint8 (0-255) or floating point (0-1), got {a.dtype}")
+        return Image.fromarray(np.ascontiguousarray(pixels)).convert("RGB")
+    raise UserError(f"{where}: expected (image, label) with a PIL image or an image tensor, got {type(image).__name__} "
+                    "(a Dataset given to run_finetune returns (PIL image or tensor, int label); keep your own "
+                    "normalisation out of it: BiT's transforms are applied to the raw pixels)")
+
+
+def _label_of(value: object, where: str) -> int:
+    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
+        value = value.item()  # a 0-d tensor, as torch's default collation or a to-tensor target transform makes
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise UserError(f"{where}: a label must be an int class index >= 0, got {value!r}")
+    return int(value)
+
+
+class DatasetImages:
+    """Reads the image of item "<part>#<index>" from the user's Dataset of that part (picklable for workers)."""
+
+    def __init__(self, parts: dict[str, Dataset]) -> None:
+        self.parts = parts
+
+    def __call__(self, source: str) -> Image.Image:
+        part, index = source.rsplit("#", 1)
+        sample = self.parts[part][int(index)]
+        return _pil_of(sample[0], f"{part} dataset item {index}")
+
+
+def _dataset_labels(ds: Dataset, part: str) -> list[int]:
+    """Every label of a Dataset: its `targets` when it has them (torchvision's datasets do), else one pass over it."""
+    n = len(ds)
+    targets = getattr(ds, "targets", None)
+    if targets is not None and len(targets) == n:
+        return [_label_of(t, f"{part} dataset targets[{i}]") for i, t in enumerate(targets)]
+    labels = []
+    for i in range(n):
+        sample = ds[i]
+        if not isinstance(sample, tuple | list) or len(sample) != 2:
+            raise UserError(f"{part} dataset item {i}: expected a pair (image, label), got {type(sample).__name__}")
+        labels.append(_label_of(sample[1], f"{part} dataset item {i}"))
+    return labels
+
+
+def describe_dataset(train: Dataset, val: Dataset | None = None) -> str:
+    """How config.json names data given as Datasets: their types and sizes (a resume must match them)."""
+    text = f"torch Dataset {type(train).__name__} ({len(train)} examples)"
+    return text + (f" + validation Dataset {type(val).__name__} ({len(val)} examples)" if val is not None else "")
+
+
+def dataset_splits(train: Dataset, val: Dataset | None = None, *, val_fraction: float = 0.2, seed: int = 0,
+                   examples_per_class: int | None = None, split_seed: int | None = None) -> DataSplits:
+    """DataSplits over torch Datasets that return (PIL image or image tensor, int label), as `load_splits` for files.
+
+    Class names: `train.classes` when it has them, else "0", "1", ... up to the largest label. Without `val`,
+    `val_fraction` of each class is held out as for a folder. Items are named "train#<i>" / "val#<i>".
+    """
+    parts = {"train": train} if val is None else {"train": train, "val": val}
+    labels = {}
+    for part, ds in parts.items():
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            raise UserError(f"the {part} data must be a path or a map-style torch Dataset (with __len__ and "
+                            f"__getitem__), got {type(ds).__name__}")
+        if len(ds) == 0:
+            raise DataSourceError(f"the {part} Dataset is empty")
+        labels[part] = _dataset_labels(ds, part)
+        _pil_of(ds[0][0], f"{part} dataset item 0")  # a wrong image type stops here, not in a loader worker
+    top = max(max(v) for v in labels.values())
+    classes = [str(c) for c in getattr(train, "classes", None) or range(top + 1)]
+    if top >= len(classes):
+        raise DataSourceError(f"a label is {top}, but the train Dataset's classes name only {len(classes)} classes")
+    items = {part: [Item(f"{part}#{i}", y) for i, y in enumerate(v)] for part, v in labels.items()}
+    notes = _check_classes("the Dataset", classes, items["train"], items.get("val", []), Counter(),
+                           "val" if val is not None else "split")
+    train_items, held, why = items["train"], items.get("val", []), ""
+    if val is None:
+        train_items, held = stratified_split(train_items, val_fraction, seed if split_seed is None else split_seed)
+        why = f" after holding out {val_fraction:.0%} per class for evaluation"
+    if examples_per_class is not None:
+        train_items = _few_shot(train_items, examples_per_class, seed, classes, why)
+    train_items.sort(key=lambda i: (i.label, int(i.source.rsplit("#", 1)[1])))
+    held.sort(key=lambda i: (i.label, int(i.source.rsplit("#", 1)[1])))
+    return DataSplits(train_items, held, classes, "val" if val is not None else "split", notes=notes,
+                      opener=DatasetImages(parts))
+
+
 def _items(pairs: list[tuple[str, str]], index: dict[str, int]) -> list[Item]:
     return [Item(s, index[c]) for s, c in pairs]
 
@@ -272,7 +382,8 @@ def image_size_of(splits: DataSplits, sample: int = 64) -> tuple[int, int]:
         raise DataSourceError("no training images to measure")
     k = max(1, min(sample, n))
     picks = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-    sizes = [s for s in (_image_size(splits.train[i].source) for i in picks) if s is not None]
+    measure = _image_size if splits.opener is None else (lambda source: splits.opener(source).size[::-1])
+    sizes = [s for s in (measure(splits.train[i].source) for i in picks) if s is not None]
     if not sizes:
         raise DataSourceError(f"could not read the size of any of {len(picks)} training images")
     return int(statistics.median_low(h for h, _ in sizes)), int(statistics.median_low(w for _, w in sizes))
@@ -284,9 +395,11 @@ Transform = Callable[[Image.Image, "torch.Generator | None"], torch.Tensor]
 class ImageDataset(Dataset):
     """(CHW float32 tensor in [-1, 1], label) per item; keys are an index or (index, augmentation seed)."""
 
-    def __init__(self, items: Sequence[Item], transform: Transform) -> None:
+    def __init__(self, items: Sequence[Item], transform: Transform,
+                 opener: Callable[[str], Image.Image] | None = None) -> None:
         self.items = list(items)
         self.transform = transform
+        self.opener = opener  # DataSplits.opener: how to read items that are no files
         self._bad: set[str] = set()  # files found unreadable in this process; skipped without retrying
 
     def __len__(self) -> int:
@@ -294,6 +407,8 @@ class ImageDataset(Dataset):
 
     def load(self, item: Item) -> Image.Image:
         """The RGB image of one item (raises ImageError when it cannot be decoded)."""
+        if self.opener is not None:
+            return self.opener(item.source)
         return npz_row(item.source) if is_npz_row(item.source) else open_rgb(item.source)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..core.errors import UserError
 from ..core.settings import setting
 from ..core.validate import check_out_folder, check_positive, check_positive_all
 from ..engine.precision import PRECISION_NAMES, check_precision
 from .hyperrule import BASE_LR, VARIANTS
+
+if TYPE_CHECKING:  # torch is not loaded to build the command line
+    from torch.utils.data import Dataset
 
 EVALS_PER_RUN = 5  # when eval_every is not given
 TEST_PER_CLASS = 30  # the demo's fixed test split: 300 images
@@ -27,7 +31,8 @@ TEST_PER_CLASS = 30  # the demo's fixed test split: 300 images
 class FinetuneConfig:
     """Every setting of a fine-tuning run; saved as RUN/config.json."""
 
-    data: str = setting(help="one sub-folder of images per class; or train/ with val/ or test/; or a .csv/.jsonl "
+    # In Python also a torch Dataset of (PIL image or image tensor, int label): see run_finetune.
+    data: str | Dataset = setting(help="one sub-folder of images per class; or train/ with val/ or test/; or a .csv/.jsonl "
                              "manifest (path,label) or an .npz (images, labels)", metavar="DIR")
     out: str = setting(help="run directory (created; re-run to resume; locked while a run uses it: one process at a "
                             "time)", metavar="RUN")
@@ -90,7 +95,8 @@ class FinetuneConfig:
         c = dataclasses.replace(self)
         _apply_model_defaults(c)
         c.validate()
-        c.data = str(Path(c.data).expanduser().resolve())
+        if is_path(c.data):
+            c.data = str(Path(c.data).expanduser().resolve())
         c.out = str(Path(c.out).expanduser().resolve())
         if c.weights is not None:
             c.weights = str(Path(c.weights).expanduser().resolve())
@@ -125,7 +131,7 @@ class FinetuneConfig:
             raise UserError(f"mixup alpha must be 0 or more, got {alpha!r}")
         if not (isinstance(self.base_lr, int | float) and math.isfinite(self.base_lr) and self.base_lr > 0):
             raise UserError(f"base lr must be a positive number, got {self.base_lr!r}")
-        if not Path(self.data).expanduser().exists():
+        if is_path(self.data) and not Path(self.data).expanduser().exists():
             raise FileNotFoundError(f"{self.data}: no such data folder or file")
         if self.weights is not None and not Path(self.weights).expanduser().is_file():
             raise FileNotFoundError(f"{self.weights}: no such weights file")
@@ -133,6 +139,11 @@ class FinetuneConfig:
         if self.tensorboard:
             _require_tensorboard()  # now, not after the data and the model are loaded
         _model_info(self.model)  # raises a ValueError listing the known names
+
+
+def is_path(data: Any) -> bool:
+    """Whether the data setting is a path (else a torch Dataset given in Python)."""
+    return isinstance(data, str | os.PathLike)
 
 
 def _require_tensorboard() -> None:

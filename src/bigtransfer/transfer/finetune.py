@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ..core.atomic import write_text
 from ..core.errors import UserError
@@ -36,6 +37,8 @@ from ..core.version import __version__
 from ..data.datasets import (
     DataSourceError,
     ImageDataset,
+    dataset_splits,
+    describe_dataset,
     eval_transform,
     image_size_of,
     load_splits,
@@ -56,7 +59,7 @@ from ..model.memory import check_training
 from ..model.preprocess import data_config
 from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
-from .config import EVALS_PER_RUN, FinetuneConfig, recommended_settings  # noqa: F401 - its home before config.py
+from .config import EVALS_PER_RUN, FinetuneConfig, is_path, recommended_settings  # noqa: F401 - its home before config.py
 from .hyperrule import make_plan
 
 # Files a run writes; --overwrite removes exactly these.
@@ -135,8 +138,14 @@ def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
 
 # ---------------------------------------------------------------- the run directory
 
-def _settings(c: FinetuneConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(c)
+def _data_name(c: FinetuneConfig, val: Dataset | None) -> str:
+    """The data as config.json records it: the path, or the Datasets' types and sizes."""
+    return c.data if is_path(c.data) else describe_dataset(c.data, val)
+
+
+def _settings(c: FinetuneConfig, val: Dataset | None = None) -> dict[str, Any]:
+    # The Dataset is replaced by its description first: asdict would deep-copy it, and JSON cannot hold it.
+    d = dataclasses.asdict(dataclasses.replace(c, data=_data_name(c, val)))
     if d["resolution"] is not None:
         d["resolution"] = list(d["resolution"])
     return d
@@ -191,27 +200,39 @@ def _config_record(settings: dict[str, Any], plan: Any, splits: Any, fingerprint
     }
 
 
-def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None, *,
+                 val_data: Dataset | None = None) -> dict[str, Any]:
     """Fine-tune as `config` says (resuming RUN/state.pt when present); return the summary also saved as summary.json.
 
-    `on_step(done, record)` is called after every update (done = updates completed so far), after any
-    checkpoint of that step was written; an exception it raises stops the run as a kill would. RUN is locked for
-    the whole run (`bigtransfer.core.runfolder`); a SIGTERM stops it at the next step boundary with the state saved,
-    raising `runfolder.StopRequested`.
+    `config.data` is a path (folder, manifest, .npz) or a map-style `torch.utils.data.Dataset` whose items are
+    `(image, label)`: image a PIL image or an image tensor (CHW or HWC or HW; uint8 0-255 or float 0-1, e.g.
+    torchvision's ToTensor, but not normalised: BiT's own transforms are applied to the pixels), label an int class
+    index. Class names come from the Dataset's `classes` when it has them, labels from its `targets` when it has
+    them (else one pass reads every item). `val_data` (a Dataset too) is scored on; without it `val_fraction` of
+    each class is held out. With worker processes (`workers`) the Datasets must be picklable. A Dataset run resumes
+    only with Datasets of the same types, sizes, labels and classes; anything else is refused, naming what changed.
+
+    `on_step(done, record)` is called after every update (done = updates completed so far) with the step's log
+    record; on steps that evaluated, record["eval"] holds the evaluation (as metrics.jsonl logs it: loss, top1,
+    top5, per-class accuracy, ...). It runs after any checkpoint of that step was written; an exception it raises
+    stops the run as a kill would. RUN is locked for the whole run (`bigtransfer.core.runfolder`); a SIGTERM stops
+    it at the next step boundary with the state saved, raising `runfolder.StopRequested`.
     """
+    if val_data is not None and is_path(config.data):
+        raise UserError("val_data goes with data given as a Dataset; a folder brings its own val/ or test/ split")
     t_start = time.perf_counter()
     c = config.normalized()
     rundir = RunDir(c.out, files=RUN_FILES)
     with rundir.lock(), rundir.stop_on_signal() as stop:
-        return _run(c, rundir, on_step, t_start, stop)
+        return _run(c, rundir, on_step, t_start, stop, val_data)
 
 
 def _run(c: FinetuneConfig, rundir: RunDir, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
-         stop: StopOnSignal) -> dict[str, Any]:
+         stop: StopOnSignal, val: Dataset | None) -> dict[str, Any]:
     progress = Progress("nothing" if c.silent else "lines" if c.quiet else "bar", desc="fine-tuning", unit="step")
-    resume = rundir.resume_point(_settings(c), FinetuneConfig.RESUMABLE_CHANGES, overwrite=c.overwrite)
-    splits, plan = _data_and_plan(c, progress.say)
-    run = _Training(c, rundir, splits, plan, progress.say, t_start)
+    resume = rundir.resume_point(_settings(c, val), FinetuneConfig.RESUMABLE_CHANGES, overwrite=c.overwrite)
+    splits, plan = _data_and_plan(c, progress.say, val)
+    run = _Training(c, rundir, splits, plan, progress.say, t_start, _data_name(c, val))
     if resume:
         finished = run.resume()
         if finished is not None:
@@ -227,14 +248,18 @@ def _run(c: FinetuneConfig, rundir: RunDir, on_step: Callable[[int, dict[str, An
     return run.finish()
 
 
-def _data_and_plan(c: FinetuneConfig, say: Callable[[str], None]) -> tuple[Any, Any]:
+def _data_and_plan(c: FinetuneConfig, say: Callable[[str], None], val: Dataset | None) -> tuple[Any, Any]:
     """The examples and the HyperRule's plan for them (with this run's overrides), each said once."""
-    splits = load_splits(c.data, val_fraction=c.val_fraction, seed=c.seed, examples_per_class=c.examples_per_class,
-                         strict=c.strict, workers=c.workers or 0, progress=not (c.quiet or c.silent),
-                         split_seed=c.split_seed)
+    if is_path(c.data):
+        splits = load_splits(c.data, val_fraction=c.val_fraction, seed=c.seed, examples_per_class=c.examples_per_class,
+                             strict=c.strict, workers=c.workers or 0, progress=not (c.quiet or c.silent),
+                             split_seed=c.split_seed)
+    else:
+        splits = dataset_splits(c.data, val, val_fraction=c.val_fraction, seed=c.seed,
+                                examples_per_class=c.examples_per_class, split_seed=c.split_seed)
     say(splits.summary())
     if not splits.eval:
-        raise DataSourceError(f"{c.data}: no images left to evaluate on (every class has a single image?)")
+        raise DataSourceError(f"{_data_name(c, val)}: no images left to evaluate on (every class has a single image?)")
     plan = make_plan(len(splits.train), image_size_of(splits), batch=c.batch, steps=c.steps, variant=c.variant,
                      base_lr=c.base_lr, arch=c.model, resolution_override=c.resolution)
     say(plan.describe())
@@ -252,9 +277,9 @@ class _Training:
     """A fine-tuning run from its model to its summary: optimizer, loaders, counters and log, step by step."""
 
     def __init__(self, c: FinetuneConfig, rundir: RunDir, splits: Any, plan: Any, say: Callable[[str], None],
-                 t_start: float) -> None:
+                 t_start: float, data_name: str) -> None:
         self.c, self.rundir, self.out, self.splits, self.plan = c, rundir, rundir.path, splits, plan
-        self.say, self.t_start = say, t_start
+        self.say, self.t_start, self.data_name = say, t_start, data_name
         self.device = pick_device(c.device)
         self.micro = c.batch // c.batch_split
         check_training(resolve(c.model).arch, len(splits.classes), plan.crop, self.micro,
@@ -275,8 +300,8 @@ class _Training:
         out, end = self.out, self.plan.end
         self.start, self.extra = self.rundir.load_state(model=self.model, optimizer=self.optimizer, scaler=self.scaler)
         if self.extra.get("fingerprint") != self.fingerprint:
-            raise RunDirError(f"{out}: the data changed since this run started (other files or classes in "
-                              f"{self.c.data}); pass --overwrite to start afresh")
+            raise RunDirError(f"{out}: the data changed since this run started (other examples, labels or classes in "
+                              f"{self.data_name}); pass --overwrite to start afresh")
         if self.start >= end and (out / "summary.json").is_file():
             self.say(f"{out}: this run already finished ({self.start} steps); delete it or pass --overwrite to run "
                      "it again")
@@ -287,14 +312,15 @@ class _Training:
     def open(self, resume: bool) -> None:
         """config.json, the loaders from the start step, the counters and the log (kept up to the start step)."""
         c, out, plan, splits = self.c, self.out, self.plan, self.splits
-        self.settings = _settings(c)
+        self.settings = {**_settings(c), "data": self.data_name}
         # Created only now, once data, plan and model are good: a run refused before this leaves no empty folder.
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"eval_every": self.eval_every, "save_every": self.save_every, "micro_batch": self.micro,
                     "device": str(self.device), "start": self.origin}
         self.rundir.write_config(_config_record(self.settings, plan, splits, self.fingerprint, resolved))
-        train_ds = ImageDataset(splits.train, train_transform(plan.precrop, plan.crop, flip=c.flip, crop_ok=c.crop))
-        eval_ds = ImageDataset(splits.eval, eval_transform(plan.crop))
+        train_ds = ImageDataset(splits.train, train_transform(plan.precrop, plan.crop, flip=c.flip, crop_ok=c.crop),
+                                splits.opener)
+        eval_ds = ImageDataset(splits.eval, eval_transform(plan.crop), splits.opener)
         self.train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers,
                                         start_step=self.start, steps=plan.end, batch_split=c.batch_split)
         self.eval_loader = make_loader(eval_ds, c.eval_batch or self.micro, shuffle=False, workers=c.workers)
@@ -370,13 +396,14 @@ class _Training:
             ips = record["images_per_s"]
             progress.step(done, {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{ips:.1f}"},
                           f"step {done}/{plan.end}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s")
-            if done % self.eval_every == 0 or done == plan.end:
+            evaluated = done % self.eval_every == 0 or done == plan.end
+            if evaluated:
                 self.last_eval = self.run_eval(done)
             stopping = stop.requested is not None and done < plan.end
             if done % self.save_every == 0 or done == plan.end or stopping:
                 self.save(done)
             if on_step is not None:
-                on_step(done, record)
+                on_step(done, {**record, "eval": self.records[-1]["eval"]} if evaluated else dict(record))
             if stopping:
                 raise stop.stopped(done, plan.end)
         if self.last_eval is None or self.start >= plan.end:  # a finished run resumed without a summary
