@@ -208,7 +208,7 @@ class StopOnSignal:
     """Inside the `with` block (main thread only), SIGTERM ends the process at once until `arm()`, and from then on
     sets `requested`, which the training loop polls at each step boundary.
 
-    Leaving the block on a Ctrl-C (KeyboardInterrupt) says how to resume when `state` exists.
+    Leaving the block on a Ctrl-C (KeyboardInterrupt) says how to resume: from `state` when it exists, else afresh.
     """
 
     def __init__(self, state: Path, report: bool = True) -> None:
@@ -239,9 +239,13 @@ class StopOnSignal:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
-        if exc_type is KeyboardInterrupt and self.report and self.state.is_file():
-            print(f"interrupted; the last saved state is in {self.state}: run the same command to continue",
-                  file=sys.stderr, flush=True)
+        if exc_type is KeyboardInterrupt and self.report:
+            if self.state.is_file():
+                print(f"interrupted; the last saved state is in {self.state}: run the same command to continue",
+                      file=sys.stderr, flush=True)
+            else:
+                print(f"interrupted before any state was saved in {self.state.parent}: the same command starts the "
+                      "run again from its first step", file=sys.stderr, flush=True)
 
     def stopped(self, step: int, total: int) -> StopRequested:
         """The exception that ends the run after the state of `step` was saved."""

@@ -144,6 +144,13 @@ class RunDir:
             return False
         return self.has_state()
 
+    def finished_without_state(self, settings: Mapping[str, Any], may_change: Collection[str]) -> bool:
+        """Whether the folder holds a run that finished with these settings (its summary.json is there) and then
+        removed its state.pt, as fine-tuning does unless told to keep it: nothing is left to train."""
+        if self.has_state() or not (self.path / "summary.json").is_file() or not self.config_file.is_file():
+            return False
+        return not changed_settings(saved_settings(self.config_file), settings, may_change)
+
     def write_config(self, payload: Mapping[str, Any]) -> None:
         """config.json, written atomically (pretty JSON, NaN as null)."""
         self.path.mkdir(parents=True, exist_ok=True)

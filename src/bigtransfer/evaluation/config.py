@@ -104,6 +104,7 @@ class FrozenEvalConfig:
     use_cache: bool = setting(True, "always extract features, store nothing", flag="--no-cache")
     val_fraction: float = setting(VAL_FRACTION, "held out per class for evaluation when the data has no val/ or test/ "
                                   "split", cli=False)
+    overwrite: bool = setting(False, "replace the results OUT holds from other settings (refused otherwise)")
 
     def validate(self) -> None:
         """Raise a UserError for a setting that cannot work."""

@@ -74,8 +74,9 @@ def _run_fewshot(c: FewShotConfig, say: Say, t0: float) -> dict[str, Any]:
                          "wall_time_s": summary["wall_time_s"], "reused": reused, "run": rc.out})
             say(f"[{done}/{n_runs}] K={k} seed {seed}: top-1 {summary['top1']:.4f} "
                 + ("(finished earlier, reused)" if reused else f"({summary['wall_time_s']:.1f} s)"))
-        per_k[k] = {**spread([r["top1"] for r in runs]), "top5_median": spread([r["top5"] for r in runs])["median"],
-                    "runs": runs}
+        top5 = [r["top5"] for r in runs if r["top5"] is not None]  # None: 5 classes or fewer, where top-5 says nothing
+        per_k[k] = {**spread([r["top1"] for r in runs]),
+                    "top5_median": spread(top5)["median"] if len(probe.classes) > 5 and top5 else None, "runs": runs}
     results = _results(c, probe, per_k, time.perf_counter() - t0)
     _write_outputs(out, c, results)
     say(text_table(*_table(results)))

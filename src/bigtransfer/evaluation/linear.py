@@ -25,6 +25,7 @@ from ..model.preprocess import resolution_of
 from ..transfer.hyperrule import resolution as hyperrule_resolution
 from .config import DEFAULT_K, METHODS, VAL_FRACTION, FrozenEvalConfig  # noqa: F401 - re-exported
 from .features import extract_features, weights_digest
+from .protocol_runs import check_out_dir
 
 # L2 strengths tried on the validation split (objective: mean cross-entropy + l2/2 * ||W||^2, standardized features).
 L2_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -200,6 +201,11 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, query_x: np.ndarray, n
 
 # ---------------------------------------------------------------- the frozen-feature protocol
 
+# The settings that change a result: OUT holding results of other values is refused unless overwrite is set.
+FROZEN_SETTINGS = ("method", "data", "model", "weights", "examples_per_class", "seed", "resolution", "k", "precision",
+                   "val_fraction")
+
+
 def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print) -> dict:
     """Extract (or reuse cached) pre-logits, fit the linear probe or k-NN, score on the eval split, write OUT."""
     c = dataclasses.replace(config)
@@ -209,6 +215,8 @@ def run_frozen_eval(config: FrozenEvalConfig, say: Callable[[str], None] = print
         if getattr(c, name) is not None:
             setattr(c, name, str(Path(getattr(c, name)).expanduser().absolute()))
     check_out_folder(c.out)
+    if not c.overwrite:  # results of other settings are not replaced silently, as finetune does for its runs
+        check_out_dir(Path(c.out), c, FROZEN_SETTINGS, what="results")
     if c.cache is not None and c.use_cache:
         check_out_folder(c.cache, flag="--cache")
     with own_folder(c.out, "output folder"):

@@ -37,7 +37,7 @@ def _lookup(doc: Any, dotted: str) -> Any:
     return doc
 
 
-def check_out_dir(out: Path, config: Any, keys: Sequence[str]) -> None:
+def check_out_dir(out: Path, config: Any, keys: Sequence[str], what: str = "runs") -> None:
     """Refuse an OUT whose config.json holds other values of `keys` (dotted, e.g. 'train.steps') than `config`."""
     file = Path(out) / "config.json"
     if not file.is_file():
@@ -50,7 +50,7 @@ def check_out_dir(out: Path, config: Any, keys: Sequence[str]) -> None:
     differ = [f"--{key.rsplit('.', 1)[-1].replace('_', '-')} was {_lookup(old, key)!r}, now {_lookup(new, key)!r}"
               for key in keys if _lookup(old, key) != _lookup(new, key)]
     if differ:
-        raise ProtocolDirError(f"{out} holds runs made with other settings ({'; '.join(differ)}); "
+        raise ProtocolDirError(f"{out} holds {what} made with other settings ({'; '.join(differ)}); "
                                "pass --overwrite to redo them, or choose another --out")
 
 

@@ -83,12 +83,15 @@ class FinetuneConfig:
                                         "--tuned draws it", cli=False)
     tensorboard: bool = setting(False, "also log to TensorBoard event files in RUN/tensorboard (pip install "
                                 "'bigtransfer[tensorboard]')")
+    keep_state: bool = setting(False, "keep RUN/state.pt (weights and optimizer, 2-3x the checkpoint's size) after "
+                               "the run finished; by default it is removed, and re-running the finished command still "
+                               "trains nothing")
 
     # The settings that may differ when a run is resumed (how it is spread, shown and checked, not what it
     # computes); every other one must equal the saved value (`engine.rundir`'s one rule).
     RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
         "out", "batch_split", "channels_last", "grad_checkpointing", "device", "eval_every", "save_every", "workers",
-        "eval_batch", "strict", "quiet", "silent", "overwrite", "tensorboard"})
+        "eval_batch", "strict", "quiet", "silent", "overwrite", "tensorboard", "keep_state"})
 
     def normalized(self) -> FinetuneConfig:
         """A copy with absolute paths and a tuple resolution, after checking every value."""

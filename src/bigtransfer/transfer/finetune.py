@@ -66,6 +66,8 @@ from .hyperrule import make_plan
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "state.pt", "summary.json", "checkpoint.safetensors",
              *RUN_PLOTS)
 MOMENTUM = 0.9
+ESTIMATE_AFTER = 3  # steps timed (after the first, which pays one-off costs) before the wall-time estimate is printed
+HOURS = 3600.0  # an estimate from this many seconds on comes with a warning
 PLOT_EVERY_S = 60.0  # redraw the plots at an evaluation at most this often (and always at the end)
 
 
@@ -230,13 +232,19 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
 def _run(c: FinetuneConfig, rundir: RunDir, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
          stop: StopOnSignal, val: Dataset | None) -> dict[str, Any]:
     progress = Progress("nothing" if c.silent else "lines" if c.quiet else "bar", desc="fine-tuning", unit="step")
-    resume = rundir.resume_point(_settings(c, val), FinetuneConfig.RESUMABLE_CHANGES, overwrite=c.overwrite)
+    settings, may_change = _settings(c, val), FinetuneConfig.RESUMABLE_CHANGES
+    resume = rundir.resume_point(settings, may_change, overwrite=c.overwrite)
+    # A run that finished removed its state.pt (unless keep_state): the same command must not train it again.
+    finished = not resume and not c.overwrite and rundir.finished_without_state(settings, may_change)
     splits, plan = _data_and_plan(c, progress.say, val)
     run = _Training(c, rundir, splits, plan, progress.say, t_start, _data_name(c, val))
+    if finished:
+        recorded = json.loads(rundir.config_file.read_text()).get("data", {}).get("fingerprint")
+        return run.finished(recorded, plan.end)
     if resume:
-        finished = run.resume()
-        if finished is not None:
-            return finished
+        finished_summary = run.resume()
+        if finished_summary is not None:
+            return finished_summary
     run.open(resume)
     progress.start(plan.end, run.start)
     try:
@@ -299,15 +307,22 @@ class _Training:
         """Load RUN/state.pt; the saved summary when that run had already finished, else None."""
         out, end = self.out, self.plan.end
         self.start, self.extra = self.rundir.load_state(model=self.model, optimizer=self.optimizer, scaler=self.scaler)
-        if self.extra.get("fingerprint") != self.fingerprint:
-            raise RunDirError(f"{out}: the data changed since this run started (other examples, labels or classes in "
-                              f"{self.data_name}); pass --overwrite to start afresh")
         if self.start >= end and (out / "summary.json").is_file():
-            self.say(f"{out}: this run already finished ({self.start} steps); delete it or pass --overwrite to run "
-                     "it again")
-            return json.loads((out / "summary.json").read_text())
+            return self.finished(self.extra.get("fingerprint"), self.start)
+        self._check_data(self.extra.get("fingerprint"))
         self.say(f"resuming {out} from step {self.start} of {end}")
         return None
+
+    def _check_data(self, fingerprint: str | None) -> None:
+        if fingerprint != self.fingerprint:
+            raise RunDirError(f"{self.out}: the data changed since this run started (other examples, labels or classes "
+                              f"in {self.data_name}); pass --overwrite to start afresh")
+
+    def finished(self, fingerprint: str | None, steps: int) -> dict[str, Any]:
+        """The summary of the run in RUN, which already finished with these settings and this data."""
+        self._check_data(fingerprint)
+        self.say(f"{self.out}: this run already finished ({steps} steps); delete it or pass --overwrite to run it again")
+        return json.loads((self.out / "summary.json").read_text())
 
     def open(self, resume: bool) -> None:
         """config.json, the loaders from the start step, the counters and the log (kept up to the start step)."""
@@ -331,12 +346,26 @@ class _Training:
         self.last_eval: dict[str, Any] | None = next((r["eval"] for r in reversed(self.records) if "eval" in r), None)
         self.wall_before = self.counters["wall_time_s"]
         self.plotted = time.perf_counter()  # when the plots were last drawn
+        self.timed: list[float] = []  # seconds of the steps timed for the wall-time estimate
         self.logger = MetricsLog(out, keep_until_step=self.start if resume else None, tensorboard=c.tensorboard)
 
     def save(self, step: int) -> None:
         self.counters["wall_time_s"] = self.wall_before + time.perf_counter() - self.t_start
         self.rundir.save_state(model=self.model, optimizer=self.optimizer, step=step, scaler=self.scaler,
                                fingerprint=self.fingerprint, settings=self.settings, **self.counters)
+
+    def estimate(self, done: int, step_s: float) -> None:
+        """After ESTIMATE_AFTER timed steps, say how long the rest of the run should take (and warn if hours)."""
+        end, every = self.plan.end, self.eval_every
+        if done == self.start + 1:  # the first step of a process pays one-off costs (workers, allocator): not timed
+            return
+        self.timed.append(step_s)
+        if len(self.timed) != ESTIMATE_AFTER or done >= end:
+            return
+        per_step = sum(self.timed) / len(self.timed)
+        evals_left = end // every - done // every + (1 if end % every else 0)
+        eval_s = len(self.splits.eval) * per_step / self.c.batch / 3  # forward only: about 1/3 of a training step
+        self.say(time_estimate(per_step, end - done, eval_s, evals_left, describe(self.device)))
 
     def run_eval(self, done: int, log: bool = True) -> dict[str, Any]:
         c, splits = self.c, self.splits
@@ -349,7 +378,7 @@ class _Training:
         if log:
             self.logger.log(record)
             self.records.append(json.loads(to_json(record)))
-        self.say(f"eval at step {done}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  loss "
+        self.say(f"eval at step {done}: {scores(result['top1'], result['top5'], len(splits.classes))}  loss "
                  f"{result['loss']:.4f} ({result['examples']} {splits.eval_name} images)")
         if done == self.plan.end or time.perf_counter() - self.plotted > PLOT_EVERY_S:
             write_plots(self.out, self.records, classes=splits.classes, evaluation=result,
@@ -396,6 +425,7 @@ class _Training:
             ips = record["images_per_s"]
             progress.step(done, {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{ips:.1f}"},
                           f"step {done}/{plan.end}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s")
+            self.estimate(done, t1 - t0)
             evaluated = done % self.eval_every == 0 or done == plan.end
             if evaluated:
                 self.last_eval = self.run_eval(done)
@@ -422,10 +452,35 @@ class _Training:
         self.counters["wall_time_s"] = self.wall_before + time.perf_counter() - self.t_start
         summary = _summary(c, plan, splits, self.last_eval, self.counters, describe(self.device))
         write_text(out / "summary.json", to_json(summary, indent=2) + "\n")
+        if not c.keep_state:  # the run is complete without it (checkpoint + summary), and it weighs 2-3 models
+            (out / "state.pt").unlink(missing_ok=True)
         unused = "".join(f"; {k} ({n} images) not used" for k, n in splits.unused.items())
-        self.say(f"top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f} on {summary['eval_examples']} "
+        self.say(f"{scores(summary['top1'], summary['top5'], len(splits.classes))} on {summary['eval_examples']} "
                  f"{splits.eval_name} images{unused} after {plan.end} steps ({summary['wall_time_s']:.1f} s); run in {out}")
         return summary
+
+
+def scores(top1: float, top5: float | None, num_classes: int) -> str:
+    """"top-1 x (chance 1/C), top-5 y": top-5 only above 5 classes, where it can be wrong at all."""
+    text = f"top-1 {top1:.4f} (chance {1.0 / num_classes:.4f})"
+    return text + (f", top-5 {top5:.4f}" if num_classes > 5 and top5 is not None else "")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / HOURS:.1f} hours"
+
+
+def time_estimate(step_s: float, steps_left: int, eval_s: float, evals_left: int, device: str) -> str:
+    """The line printed after the first steps: the time the rest of the run should take, with a warning from an hour."""
+    total = step_s * steps_left + eval_s * evals_left
+    text = (f"estimated time to the end: about {_duration(total)} ({step_s:.3g} s per step on {device}; {steps_left} "
+            f"step{'s' * (steps_left != 1)} and {evals_left} evaluation{'s' * (evals_left != 1)} to go)")
+    if total >= HOURS:
+        text = (f"WARNING: {text}. That is hours on this device: fewer --steps, a smaller --batch or --resolution, "
+                "or a GPU would shorten it; Ctrl-C keeps what was saved, and the same command continues")
+    return text
 
 
 def _rate(count: float, seconds: float) -> float | None:
@@ -438,7 +493,8 @@ def _summary(c: FinetuneConfig, plan: Any, splits: Any, ev: dict[str, Any], k: d
     per_class = dict(zip(splits.classes, ev["per_class_accuracy"], strict=True))
     return {
         "top1": ev["top1"],
-        "top5": ev["top5"],
+        "top5": ev["top5"] if len(splits.classes) > 5 else None,  # with 5 classes or fewer it is always 1
+        "chance_top1": 1.0 / len(splits.classes),
         "loss": ev["loss"],
         "steps": plan.end,
         "examples": len(splits.train),
