@@ -131,8 +131,8 @@ def test_lr_of_every_step_equals_the_plan(finished):
 
 def test_batch_split_gives_the_same_weights(folder, tmp_path):
     # Batch 4 as one batch or as 4 micro-batches of 1 (GroupNorm normalises each example on its own).
-    one = run_finetune(tiny(folder, tmp_path / "q1", steps=3, batch=4, batch_split=1))
-    four = run_finetune(tiny(folder, tmp_path / "q4", steps=3, batch=4, batch_split=4))
+    one = run_finetune(tiny(folder, tmp_path / "q1", steps=3, batch=4, batch_split=1, keep_state=True))
+    four = run_finetune(tiny(folder, tmp_path / "q4", steps=3, batch=4, batch_split=4, keep_state=True))
     a, b = weights(Path(one["checkpoint"])), weights(Path(four["checkpoint"]))
     assert a["head.weight"].abs().max() > 1e-3  # the zero head has learnt: there is something to compare
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
