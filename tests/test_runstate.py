@@ -48,7 +48,7 @@ def _old_format(path: Path) -> None:
 
 def test_planted_state_runs_nothing_and_an_old_format_state_resumes(folder, tmp_path, capsys):
     settings = dict(steps=3, batch=4, save_every=1, eval_every=3)
-    straight = run_finetune(tiny(folder, tmp_path / "straight", **settings))
+    straight = run_finetune(tiny(folder, tmp_path / "straight", keep_state=True, **settings))
     # New saves hold only tensors and plain values: torch's restricted unpickler reads them without any allowlist.
     assert torch.load(tmp_path / "straight" / "state.pt", weights_only=True)["step"] == 3
 
