@@ -184,13 +184,24 @@ def _busy_message(folder: Path, what: str) -> str:
             "Wait for it to end (or stop it), or choose another --out")
 
 
-def ignore_sigterm(worker_id: int = 0) -> None:
+# How long a DataLoader worker outlives a SIGTERM (see `defer_sigterm`).
+WORKER_SIGTERM_GRACE_S = 20.0
+
+
+def defer_sigterm(worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: leave SIGTERM to the training process, which stops the workers after saving.
 
-    A scheduler signals every process of a job; a worker that died of it would make the training process fail
-    mid-step instead of saving at the step boundary.
+    A scheduler signals every process of a job; a worker that died of it at once would make the training process
+    fail mid-step instead of saving at the step boundary. The worker still ends WORKER_SIGTERM_GRACE_S later:
+    ignoring the signal for good hung the parent at exit, since multiprocessing's exit handler terminates
+    left-over workers with SIGTERM and then waits for them.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def end_later(signum: int, frame: object) -> None:
+        timer = threading.Timer(WORKER_SIGTERM_GRACE_S, os._exit, (0,))
+        timer.daemon = True  # a worker the loader shuts down meanwhile exits at once
+        timer.start()
+
+    signal.signal(signal.SIGTERM, end_later)
 
 
 class StopRequested(Exception):

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.errors import UserError
 from ..core.paths import shown
-from ..core.runfolder import ignore_sigterm
+from ..core.runfolder import defer_sigterm
 from .images import ImageError, open_rgb
 from .sampling import StepSampler, batch_indices, sample_seed
 from .sources import DataSourceError, find_examples, is_npz_row, npz_row
@@ -445,7 +445,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     common = dict(num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
     if workers > 0:
-        common.update(prefetch_factor=4, worker_init_fn=ignore_sigterm)  # the run stops them after saving
+        common.update(prefetch_factor=4, worker_init_fn=defer_sigterm)  # the run stops them after saving
     if shuffle:
         sampler = StepSampler(len(dataset), batch_size, seed, start_step, steps, batch_split)
         return DataLoader(dataset, batch_sampler=sampler, **common)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..core.errors import UserError
 from ..core.paths import shown
-from ..core.runfolder import ignore_sigterm
+from ..core.runfolder import defer_sigterm
 from .datasets import DataSourceError, ImageDataset, Item, Skipped, load_splits
 from .images import to_tensor
 from .packed import PackedSet, crop_flip_batch, find_packed_sets, open_packed, squash_batch
@@ -231,7 +231,7 @@ class RankStepSampler(Sampler[list[tuple[int, int]]]):
 
 def _loader_options(workers: int, persistent: bool = True) -> dict:
     # Workers ignore SIGTERM: the training process saves at the next step boundary and then stops them.
-    extra = {"prefetch_factor": 4, "persistent_workers": persistent, "worker_init_fn": ignore_sigterm} if workers else {}
+    extra = {"prefetch_factor": 4, "persistent_workers": persistent, "worker_init_fn": defer_sigterm} if workers else {}
     return {"num_workers": workers, "pin_memory": torch.cuda.is_available(), **extra}
 
 
