@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from state_to_checkpoint import model_from_state  # the sibling tool (a script's folder is on sys.path)
 
-from bigtransfer.data.pretraining import load_pretrain_data
-from bigtransfer.engine.runstate import read_run_state
 from bigtransfer.evaluation.linear import FrozenEvalConfig, run_frozen_eval
-from bigtransfer.model.checkpoints import load_state, save_checkpoint
-from bigtransfer.model.resnetv2 import ResNetV2
+from bigtransfer.model.checkpoints import save_checkpoint
 from bigtransfer.transfer.demo import DemoModel, DemoSettings, run_demo, write_digits
 
 
@@ -32,13 +30,9 @@ def as_checkpoint(path: Path, arch: str, data: str | None, work: Path) -> Path:
         return path
     if data is None:
         raise SystemExit(f"{path}: a state.pt needs --data (the run's training data names its classes)")
-    payload = read_run_state(path)  # restricted unpickler: the file runs no code
-    classes = load_pretrain_data(data).classes
-    model = ResNetV2(arch, len(classes))
-    load_state(model, {k.removeprefix("module."): v for k, v in payload["model"].items()}, str(path))
-    model.labels = list(classes)
-    out = work / f"{path.parent.name}-{path.stem}-{payload['step']}.safetensors"
-    save_checkpoint(model, out, source="probe", pretrain_step=str(payload["step"]))
+    model, step = model_from_state(str(path), data, arch)
+    out = work / f"{path.parent.name}-{path.stem}-{step}.safetensors"
+    save_checkpoint(model, out, source="probe", pretrain_step=str(step))
     return out
 
 

@@ -20,6 +20,17 @@ from bigtransfer.model.preprocess import data_config
 from bigtransfer.model.resnetv2 import ResNetV2
 
 
+def model_from_state(state_path: str, data: str, arch: str) -> tuple[ResNetV2, int]:
+    """The model in a run's state.pt, labelled with the classes of the data it trained on; and its update."""
+    payload = read_run_state(state_path)  # torch's restricted unpickler: the file runs no code
+    state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
+    classes = load_pretrain_data(data).classes
+    model = ResNetV2(arch, len(classes))
+    load_state(model, state, state_path)
+    model.labels = list(classes)
+    return model, int(payload["step"])
+
+
 def main() -> None:
     """Read the state, attach the training data's class names, write safetensors with metadata."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,18 +44,13 @@ def main() -> None:
     p.add_argument("--resolution", type=int, metavar="R",
                    help="the run's resolution, recorded as the model's data config (what predict/embed use)")
     args = p.parse_args()
-    payload = read_run_state(args.state)  # torch's restricted unpickler: the file runs no code
-    state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
-    classes = load_pretrain_data(args.data).classes
-    model = ResNetV2(args.arch, len(classes))
-    load_state(model, state, args.state)
-    model.labels = list(classes)
+    model, step = model_from_state(args.state, args.data, args.arch)
     if args.resolution is not None:
         model.data_config = data_config(args.resolution)
     extra = {"finetune_defaults": args.finetune_defaults} if args.finetune_defaults else {}
     save_checkpoint(model, args.out, dtype=torch.float16 if args.fp16 else None, source="bigtransfer pretrain",
-                    pretrain_step=str(payload["step"]), **extra)
-    print(json.dumps({"out": args.out, "step": payload["step"], "classes": len(classes)}))
+                    pretrain_step=str(step), **extra)
+    print(json.dumps({"out": args.out, "step": step, "classes": len(model.labels)}))
 
 
 if __name__ == "__main__":
