@@ -18,7 +18,7 @@ from bigtransfer.cli import main
 from bigtransfer.engine.metrics import read_jsonl
 from bigtransfer.model.resnetv2 import ResNetV2
 from bigtransfer.transfer.demo import DemoModel, DemoSettings, run_demo, write_digits
-from bigtransfer.transfer.finetune import FinetuneConfig, run_finetune
+from bigtransfer.transfer.finetune import FinetuneConfig, mixup_lambda, run_finetune
 
 from .test_finetune import make_image_folder
 
@@ -39,6 +39,20 @@ def test_cli_run_says_it_starts_from_scratch_and_where_things_are(folder, tmp_pa
     settings = json.loads((tmp_path / "run" / "config.json").read_text())["settings"]
     assert settings["flip"] is False and settings["crop"] is True and settings["resolution"] == [36, 32]
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_mixup_alpha_option_reaches_the_plan_and_the_log(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(folder), "--out", str(out), "--steps", "2", "--mixup-alpha", "0.4",
+                 *TINY]) == 0
+    assert "mixup alpha set to 0.4" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["mixup_alpha"] == 0.4 and config["plan"]["mixup_alpha"] == 0.4
+    lambdas = [r["mixup_lambda"] for r in read_jsonl(out / "metrics.jsonl") if "mixup_lambda" in r]
+    assert lambdas == [mixup_lambda(0.4, 0, s) for s in (0, 1)]  # the HyperRule's 0 under 20k would log none
+    assert main(["finetune", "--data", str(folder), "--out", str(tmp_path / "bad"), "--mixup-alpha", "-1",
+                 *TINY]) == 2
+    assert "mixup alpha must be 0 or more" in capsys.readouterr().err
 
 
 def test_layout_and_checkpointing_options_train_the_same_weights(folder, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ import bigtransfer.core.runfolder as runfolder
 import bigtransfer.evaluation.fewshot
 import bigtransfer.evaluation.linear
 import bigtransfer.evaluation.vtab
+import bigtransfer.transfer.distill
 import bigtransfer.transfer.finetune
 import bigtransfer.upstream.pretrain
 from bigtransfer import read_checkpoint
@@ -88,6 +89,7 @@ def test_every_writing_verb_is_refused_at_once_naming_the_owner(folder, manifest
 
         # Where each verb looks the loader up (each imports it by name at its top).
         for module, name in ((bigtransfer.transfer.finetune, "load_splits"), (bigtransfer.evaluation.linear, "load_splits"),
+                             (bigtransfer.transfer.distill, "load_splits"), (bigtransfer.transfer.distill, "load_model"),
                              (bigtransfer.evaluation.fewshot, "load_splits"),
                              (bigtransfer.upstream.pretrain, "load_pretrain_data"),
                              (bigtransfer.evaluation.vtab, "read_vtab")):
@@ -96,6 +98,7 @@ def test_every_writing_verb_is_refused_at_once_naming_the_owner(folder, manifest
         verbs = {
             "finetune": ["finetune", *data, *out, *FT_TINY],
             "pretrain": ["pretrain", "--data", str(manifest), *out, *PT_TINY],
+            "distill": ["distill", *data, *out, "--teacher", "BiT-Mini-R26x0.5", "--student", "R14x0.5"],
             "linear": ["evaluate", "linear", *data, *out, "--model", "R14x0.5"],
             "knn": ["evaluate", "knn", *data, *out, "--model", "R14x0.5"],
             "fewshot": ["evaluate", "fewshot", *data, *out, "--model", "R14x0.5", "--shots", "1"],

@@ -17,8 +17,8 @@ from ..core.errors import is_user_error
 from ..core.runfolder import StopRequested
 
 # Verb modules, in the order --help lists them. Each defines HELP, register(parser) and run(args) -> int.
-VERBS = ["models", "convert", "hyperrule", "finetune", "demo", "predict", "embed", "export", "evaluate", "pretrain",
-         "corpus", "pack"]
+VERBS = ["models", "convert", "hyperrule", "finetune", "distill", "demo", "predict", "embed", "export", "evaluate",
+         "pretrain", "corpus", "pack"]
 
 
 def build_parser() -> argparse.ArgumentParser:

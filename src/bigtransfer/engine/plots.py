@@ -269,7 +269,8 @@ def _chart_series(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict, dic
 
 def write_plots(out: str | os.PathLike, records: Sequence[Mapping[str, Any]], *, classes: Sequence[str] | None = None,
                 evaluation: Mapping[str, Any] | None = None, chance: Mapping[str, float] | None = None,
-                metric: str = "accuracy", lr_title: str = "Learning rate", say: Say | None = print) -> list[Path]:
+                metric: str = "accuracy", lr_title: str = "Learning rate", loss_label: str = "cross-entropy",
+                say: Say | None = print) -> list[Path]:
     """Every chart of a run in OUT: loss.png, lr.png (log scale), accuracy.png (with chance levels), confusion.png.
 
     `records`: the run's metrics records; `evaluation`: the latest evaluation result with its confusions
@@ -284,7 +285,7 @@ def write_plots(out: str | os.PathLike, records: Sequence[Mapping[str, Any]], *,
     if evaluation is not None and classes is not None:
         wanted.append(out / "confusion.png")
     try:
-        written = [line_plot(wanted[0], loss, "Loss", "step", "cross-entropy", log_y=True),
+        written = [line_plot(wanted[0], loss, "Loss", "step", loss_label, log_y=True),
                    line_plot(wanted[1], lr, lr_title, "step", "learning rate (log scale)", log_y=True),
                    line_plot(wanted[2], acc, f"Evaluation {metric}", "step", f"{metric} (fraction)", ylim=(0.0, 1.0),
                              hlines=chance)]

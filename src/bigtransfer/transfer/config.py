@@ -79,8 +79,8 @@ class FinetuneConfig:
                                   "(default %(default)s)")
     split_seed: int | None = setting(None, "draws the held-out split; None: --seed (the few-shot protocol fixes it)",
                                      cli=False)
-    mixup_alpha: float | None = setting(None, "None: the HyperRule's (0 under 20k examples, else 0.1); VTAB's "
-                                        "--tuned draws it", cli=False)
+    mixup_alpha: float | None = setting(None, "MixUp Beta(A, A) for this run; 0: off (default: the HyperRule's, 0 "
+                                        "under 20k training images, else 0.1)", metavar="A")
     tensorboard: bool = setting(False, "also log to TensorBoard event files in RUN/tensorboard (pip install "
                                 "'bigtransfer[tensorboard]')")
     keep_state: bool = setting(False, "keep RUN/state.pt (weights and optimizer, 2-3x the checkpoint's size) after "
@@ -202,3 +202,127 @@ class DemoSettings:
         for name in ("seeds", "steps", "batch", "processes"):
             check_positive(f"--{name}", getattr(self, name), allow_none=name == "processes")
         check_positive_all("--shots", self.shots)
+
+
+DISTILL_OPTIMIZERS = ("adam", "sgd")
+DISTILL_SCHEDULES = ("cosine", "steps")
+WARMUP_FRACTION = 0.05  # of a distillation run, when --warmup is not given
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of a distillation run (`bigtransfer.transfer.distill`); saved as RUN/config.json."""
+
+    data: str = setting(help="training images: a folder of images without labels, or any labelled source finetune "
+                             "reads (labels are then used only to evaluate)", metavar="DIR")
+    out: str = setting(help="run directory (created; re-run to resume; locked while a run uses it)", metavar="RUN")
+    teacher: str = setting(help="the teacher: a checkpoint file (e.g. RUN/checkpoint.safetensors of a finetune run) "
+                                "or a model name with weights", metavar="CKPT|NAME")
+    student: str = setting("R50x1", "student architecture R<depth>x<width> (from scratch) or a model name (starts "
+                           "from its weights) (default %(default)s)", metavar="NAME")
+    student_weights: str | None = setting(None, "start the student from this checkpoint", metavar="PATH")
+    new_head: bool = setting(False, "give the student a new zero-initialised head when its starting head has another "
+                             "class count")
+    eval_data: str | None = setting(None, "labelled images to evaluate the student on (their test/val split, else "
+                                    "all of them)", metavar="DIR")
+    seed: int = setting(0, "data order, crops, MixUp and the student's initialisation (default %(default)s)")
+    steps: int = setting(1000, "number of updates (default %(default)s; the paper's schedules are long)", metavar="S")
+    batch: int = setting(512, "global batch size (default %(default)s)", metavar="B")
+    batch_split: int = setting(1, "accumulate each batch over Q micro-batches (default %(default)s)", metavar="Q")
+    resolution: int = setting(128, "the student's input size: the crop is resized to it (default %(default)s)",
+                              metavar="R")
+    teacher_resolution: int | None = setting(None, "the teacher's input size: the same crop resized to R (default: "
+                                             "the student's)", metavar="R")
+    flip: bool = setting(True, "no random horizontal flips", flag="--no-flip")
+    mixup_alpha: float = setting(1.0, "MixUp Beta(A, A); 0: off (default %(default)s: every batch is mixed)",
+                                 metavar="A")
+    temperature: float = setting(1.0, "softmax temperature of both networks in the loss (default %(default)s)",
+                                 metavar="T")
+    optimizer: str = setting("adam", "adam: AdamW with decoupled decay (the paper's); sgd: BiT's, momentum 0.9 "
+                             "(default %(default)s)", choices=DISTILL_OPTIMIZERS)
+    lr: float = setting(0.003, "peak learning rate (default %(default)s)")
+    weight_decay: float = setting(1e-4, "adam: decoupled, follows the schedule; sgd: L2 (default %(default)s)",
+                                  metavar="WD")
+    clip_norm: float | None = setting(1.0, "clip the gradient's global norm to N (default %(default)s)", metavar="N")
+    schedule: str = setting("cosine", "cosine (the paper's) or steps (BiT's x0.1 at 30/60/90%%) (default "
+                            "%(default)s)", choices=DISTILL_SCHEDULES)
+    warmup: int | None = setting(None, "linear warm-up steps (default: 5%% of the run)", metavar="S")
+    precision: str = setting("fp32", "fp32, bf16 or fp16 (default %(default)s)", choices=PRECISION_NAMES)
+    channels_last: bool = setting(True, "train in the NCHW layout instead of the (faster) channels-last one",
+                                  flag="--no-channels-last")
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    eval_every: int | None = setting(None, f"evaluate every N steps (default: {EVALS_PER_RUN} times per run)",
+                                     metavar="N")
+    save_every: int | None = setting(None, "save the resume state every N steps (default: at each evaluation)",
+                                     metavar="N")
+    workers: int | None = setting(None, "data loading processes (default: CPUs, at most 8)", metavar="N")
+    eval_batch: int | None = setting(None, "images per evaluation batch (default: the micro-batch size)", cli=False)
+    val_fraction: float = setting(0.2, "share of each class held out for evaluation when labelled data has no val/ "
+                                  "or test/ (default %(default)s)")
+    quiet: bool = setting(False, "plain log lines instead of a progress bar")
+    silent: bool = setting(False, "print nothing", cli=False)
+    overwrite: bool = setting(False, "discard what RUN holds and start afresh")
+    tensorboard: bool = setting(False, "also log to TensorBoard event files in RUN/tensorboard (pip install "
+                                "'bigtransfer[tensorboard]')")
+    keep_state: bool = setting(False, "keep RUN/state.pt after the run finished; by default it is removed, and "
+                               "re-running the finished command still trains nothing")
+
+    # Settings that may differ when a run is resumed (how the work is spread or shown); every other must match.
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = frozenset({
+        "out", "batch_split", "channels_last", "device", "eval_every", "save_every", "workers", "eval_batch", "quiet",
+        "silent", "overwrite", "tensorboard", "keep_state"})
+
+    def normalized(self) -> DistillConfig:
+        """A copy with absolute paths, after checking every value."""
+        c = dataclasses.replace(self)
+        c.validate()
+        for name in ("data", "out", "student_weights", "eval_data"):
+            if getattr(c, name) is not None:
+                setattr(c, name, str(Path(getattr(c, name)).expanduser().resolve()))
+        if Path(c.teacher).expanduser().is_file():
+            c.teacher = str(Path(c.teacher).expanduser().resolve())
+        return c
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else round(WARMUP_FRACTION * self.steps)
+
+    def validate(self) -> None:
+        """Raise a UserError (or FileNotFoundError) naming the first setting that cannot work."""
+        for name in ("steps", "batch", "batch_split", "resolution"):
+            check_positive(name.replace("_", "-"), getattr(self, name))
+        for name in ("teacher_resolution", "eval_every", "save_every", "eval_batch"):
+            check_positive(name.replace("_", "-"), getattr(self, name), allow_none=True)
+        if self.batch % self.batch_split:
+            raise UserError(f"batch {self.batch} is not divisible by batch-split {self.batch_split}")
+        w = self.warmup
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 0 <= w < self.steps):
+            raise UserError(f"warmup must be a whole number of steps from 0 to steps - 1 ({self.steps - 1}), got {w!r}")
+        for name, low, strict in (("lr", 0.0, True), ("temperature", 0.0, True), ("mixup_alpha", 0.0, False),
+                                  ("weight_decay", 0.0, False), ("clip_norm", 0.0, True)):
+            _check_number(name, getattr(self, name), low, strict, allow_none=name == "clip_norm")
+        if not (isinstance(self.val_fraction, int | float) and 0.0 < self.val_fraction < 1.0):
+            raise UserError(f"val-fraction must be between 0 and 1, got {self.val_fraction!r}")
+        if self.optimizer not in DISTILL_OPTIMIZERS or self.schedule not in DISTILL_SCHEDULES:
+            raise UserError(f"optimizer must be one of {', '.join(DISTILL_OPTIMIZERS)} and schedule one of "
+                            f"{', '.join(DISTILL_SCHEDULES)}; got {self.optimizer!r}, {self.schedule!r}")
+        check_precision(self.precision)
+        if self.tensorboard:
+            _require_tensorboard()
+        for name in ("data", "eval_data"):
+            if getattr(self, name) is not None and not Path(getattr(self, name)).expanduser().exists():
+                raise FileNotFoundError(f"{getattr(self, name)}: no such data folder or file "
+                                        f"(--{name.replace('_', '-')})")
+        if self.student_weights is not None and not Path(self.student_weights).expanduser().is_file():
+            raise FileNotFoundError(f"{self.student_weights}: no such weights file (--student-weights)")
+        check_out_folder(self.out, "a run directory")
+        _model_info(self.student)
+
+
+def _check_number(name: str, value: object, low: float, strict: bool, allow_none: bool = False) -> None:
+    """Refuse a value that is not a finite number above `low` (at or above it unless `strict`)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (value == low and strict):
+        raise UserError(f"{name.replace('_', ' ')} must be a number {'>' if strict else '>='} {low:g}, got {value!r}")

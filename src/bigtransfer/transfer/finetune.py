@@ -140,17 +140,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable[tuple[torch.Tensor, torch.
 
 # ---------------------------------------------------------------- the run directory
 
-def _data_name(c: FinetuneConfig, val: Dataset | None) -> str:
+def _data_name(c: Any, val: Dataset | None) -> str:
     """The data as config.json records it: the path, or the Datasets' types and sizes."""
     return c.data if is_path(c.data) else describe_dataset(c.data, val)
 
 
-def _settings(c: FinetuneConfig, val: Dataset | None = None) -> dict[str, Any]:
+def _settings(c: Any, val: Dataset | None = None) -> dict[str, Any]:
+    """A run config as config.json stores it: tuples as lists, a Dataset as its description."""
     # The Dataset is replaced by its description first: asdict would deep-copy it, and JSON cannot hold it.
     d = dataclasses.asdict(dataclasses.replace(c, data=_data_name(c, val)))
-    if d["resolution"] is not None:
-        d["resolution"] = list(d["resolution"])
-    return d
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def _fingerprint(splits: Any) -> str:
@@ -232,21 +231,32 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
 def _run(c: FinetuneConfig, rundir: RunDir, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
          stop: StopOnSignal, val: Dataset | None) -> dict[str, Any]:
     progress = Progress("nothing" if c.silent else "lines" if c.quiet else "bar", desc="fine-tuning", unit="step")
-    settings, may_change = _settings(c, val), FinetuneConfig.RESUMABLE_CHANGES
-    resume = rundir.resume_point(settings, may_change, overwrite=c.overwrite)
-    # A run that finished removed its state.pt (unless keep_state): the same command must not train it again.
-    finished = not resume and not c.overwrite and rundir.finished_without_state(settings, may_change)
+    resume, finished = run_status(rundir, c, _settings(c, val))
     splits, plan = _data_and_plan(c, progress.say, val)
     run = _Training(c, rundir, splits, plan, progress.say, t_start, _data_name(c, val))
+    return _drive(run, resume, finished, progress, stop, on_step)
+
+
+def run_status(rundir: RunDir, c: Any, settings: dict[str, Any]) -> tuple[bool, bool]:
+    """(resume from RUN/state.pt, RUN holds this very run finished and without its state) for a run config."""
+    may_change = type(c).RESUMABLE_CHANGES
+    resume = rundir.resume_point(settings, may_change, overwrite=c.overwrite)
+    # A run that finished removed its state.pt (unless keep_state): the same command must not train it again.
+    return resume, not resume and not c.overwrite and rundir.finished_without_state(settings, may_change)
+
+
+def _drive(run: _Training, resume: bool, finished: bool, progress: Progress, stop: StopOnSignal,
+           on_step: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Resume or start a run, train it to its end under the progress display, and finish it; its summary."""
     if finished:
-        recorded = json.loads(rundir.config_file.read_text()).get("data", {}).get("fingerprint")
-        return run.finished(recorded, plan.end)
+        recorded = json.loads(run.rundir.config_file.read_text()).get("data", {}).get("fingerprint")
+        return run.finished(recorded, run.end)
     if resume:
         finished_summary = run.resume()
         if finished_summary is not None:
             return finished_summary
     run.open(resume)
-    progress.start(plan.end, run.start)
+    progress.start(run.end, run.start)
     try:
         stop.arm()
         run.train(progress, stop, on_step)
@@ -282,12 +292,18 @@ def _data_and_plan(c: FinetuneConfig, say: Callable[[str], None], val: Dataset |
 
 
 class _Training:
-    """A fine-tuning run from its model to its summary: optimizer, loaders, counters and log, step by step."""
+    """A fine-tuning run from its model to its summary: optimizer, loaders, counters and log, step by step.
+
+    The distillation run (`transfer.distill`) is a subclass: it replaces the set-up, `update` (one optimizer step),
+    `open`, `run_eval` and `finish`, and keeps the step loop, resuming, saving and the log as they are here.
+    """
+
+    loss_hint = "try a lower --base-lr or fp32"  # what to do when the loss stops being finite
 
     def __init__(self, c: FinetuneConfig, rundir: RunDir, splits: Any, plan: Any, say: Callable[[str], None],
                  t_start: float, data_name: str) -> None:
         self.c, self.rundir, self.out, self.splits, self.plan = c, rundir, rundir.path, splits, plan
-        self.say, self.t_start, self.data_name = say, t_start, data_name
+        self.say, self.t_start, self.data_name, self.end = say, t_start, data_name, plan.end
         self.device = pick_device(c.device)
         self.micro = c.batch // c.batch_split
         check_training(resolve(c.model).arch, len(splits.classes), plan.crop, self.micro,
@@ -303,13 +319,25 @@ class _Training:
         self.save_every = c.save_every or self.eval_every
         self.start, self.extra = 0, {}
 
+    @property
+    def eval_examples(self) -> int:
+        return len(self.splits.eval)
+
+    def state_extra(self) -> dict[str, Any]:
+        """What state.pt records beside the counters, and resuming must find unchanged."""
+        return {"fingerprint": self.fingerprint}
+
     def resume(self) -> dict[str, Any] | None:
         """Load RUN/state.pt; the saved summary when that run had already finished, else None."""
-        out, end = self.out, self.plan.end
+        out, end = self.out, self.end
         self.start, self.extra = self.rundir.load_state(model=self.model, optimizer=self.optimizer, scaler=self.scaler)
         if self.start >= end and (out / "summary.json").is_file():
             return self.finished(self.extra.get("fingerprint"), self.start)
         self._check_data(self.extra.get("fingerprint"))
+        changed = [k for k, v in self.state_extra().items() if k != "fingerprint" and self.extra.get(k) != v]
+        if changed:
+            raise RunDirError(f"{out}: {', '.join(changed)} changed since this run started; pass --overwrite to "
+                              "start afresh")
         self.say(f"resuming {out} from step {self.start} of {end}")
         return None
 
@@ -339,6 +367,11 @@ class _Training:
         self.train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers,
                                         start_step=self.start, steps=plan.end, batch_split=c.batch_split)
         self.eval_loader = make_loader(eval_ds, c.eval_batch or self.micro, shuffle=False, workers=c.workers)
+        self.open_log(resume)
+
+    def open_log(self, resume: bool) -> None:
+        """The counters and the log, as the saved state left them (the log kept up to the start step)."""
+        c, out = self.c, self.out
         self.counters = {k: float(self.extra.get(k, 0.0)) for k in ("wall_time_s", "compute_s", "wait_s", "eval_s",
                                                                    "eval_images", "train_images")}
         records = read_jsonl(out / "metrics.jsonl") if resume else []
@@ -352,11 +385,11 @@ class _Training:
     def save(self, step: int) -> None:
         self.counters["wall_time_s"] = self.wall_before + time.perf_counter() - self.t_start
         self.rundir.save_state(model=self.model, optimizer=self.optimizer, step=step, scaler=self.scaler,
-                               fingerprint=self.fingerprint, settings=self.settings, **self.counters)
+                               settings=self.settings, **self.state_extra(), **self.counters)
 
     def estimate(self, done: int, step_s: float) -> None:
         """After ESTIMATE_AFTER timed steps, say how long the rest of the run should take (and warn if hours)."""
-        end, every = self.plan.end, self.eval_every
+        end, every = self.end, self.eval_every
         if done == self.start + 1:  # the first step of a process pays one-off costs (workers, allocator): not timed
             return
         self.timed.append(step_s)
@@ -364,7 +397,7 @@ class _Training:
             return
         per_step = sum(self.timed) / len(self.timed)
         evals_left = end // every - done // every + (1 if end % every else 0)
-        eval_s = len(self.splits.eval) * per_step / self.c.batch / 3  # forward only: about 1/3 of a training step
+        eval_s = self.eval_examples * per_step / self.c.batch / 3  # forward only: about 1/3 of a training step
         self.say(time_estimate(per_step, end - done, eval_s, evals_left, describe(self.device)))
 
     def run_eval(self, done: int, log: bool = True) -> dict[str, Any]:
@@ -380,21 +413,29 @@ class _Training:
             self.records.append(json.loads(to_json(record)))
         self.say(f"eval at step {done}: {scores(result['top1'], result['top5'], len(splits.classes))}  loss "
                  f"{result['loss']:.4f} ({result['examples']} {splits.eval_name} images)")
-        if done == self.plan.end or time.perf_counter() - self.plotted > PLOT_EVERY_S:
+        if done == self.end or time.perf_counter() - self.plotted > PLOT_EVERY_S:
             write_plots(self.out, self.records, classes=splits.classes, evaluation=result,
                         chance=chance_levels(len(splits.classes)), lr_title="Learning rate (BiT-HyperRule)",
                         say=self.say)
             self.plotted = time.perf_counter()
         return result
 
+    def update(self, step: int, micro_batches: Iterable[Any]) -> tuple[float, float, dict[str, Any]]:
+        """One optimizer update of `step`: (mean loss, lr, further fields of the step's metrics record)."""
+        c, plan = self.c, self.plan
+        lr, lam = plan.lr(step), mixup_lambda(plan.mixup_alpha, c.seed, step)
+        loss = train_step(self.model, self.optimizer, micro_batches, batch=c.batch, lr=lr, lam=lam, seed=c.seed,
+                          step=step, device=self.device, precision=c.precision, scaler=self.scaler)
+        return loss, lr, ({"mixup_lambda": lam} if lam < 1.0 else {})
+
     def train(self, progress: Progress, stop: StopOnSignal,
               on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
         """The steps from the start step to the end: update, log, evaluate and save as the settings say."""
-        c, plan, counters = self.c, self.plan, self.counters
+        c, end, counters = self.c, self.end, self.counters
         batches = iter(self.train_loader)
         waited = 0.0
 
-        def micro_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        def micro_batches() -> Iterable[Any]:
             # One at a time, so only one micro-batch is in memory; the time blocked on the loader is input time.
             nonlocal waited
             for _ in range(c.batch_split):
@@ -403,44 +444,40 @@ class _Training:
                 waited += time.perf_counter() - t
                 yield batch
 
-        for step in range(self.start, plan.end):
+        for step in range(self.start, end):
             t0, waited = time.perf_counter(), 0.0
-            lr, lam = plan.lr(step), mixup_lambda(plan.mixup_alpha, c.seed, step)
-            loss = train_step(self.model, self.optimizer, micro_batches(), batch=c.batch, lr=lr, lam=lam, seed=c.seed,
-                              step=step, device=self.device, precision=c.precision, scaler=self.scaler)
+            loss, lr, fields = self.update(step, micro_batches())
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # so the compute time below is the GPU's, not the launch queue's
             t1 = time.perf_counter()
             if not math.isfinite(loss) and self.scaler is None:
-                raise UserError(f"the training loss became {loss} at step {step}; try a lower --base-lr or fp32")
+                raise UserError(f"the training loss became {loss} at step {step}; {self.loss_hint}")
             counters["wait_s"] += waited
             counters["compute_s"] += t1 - t0 - waited
             counters["train_images"] += c.batch
             done = step + 1
-            record = {"step": done, "loss": loss, "lr": lr, "images_per_s": c.batch / max(t1 - t0, 1e-9)}
-            if lam < 1.0:
-                record["mixup_lambda"] = lam
+            record = {"step": done, "loss": loss, "lr": lr, "images_per_s": c.batch / max(t1 - t0, 1e-9), **fields}
             self.logger.log(record)
             self.records.append(record)
             ips = record["images_per_s"]
             progress.step(done, {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{ips:.1f}"},
-                          f"step {done}/{plan.end}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s")
+                          f"step {done}/{end}  loss {loss:.4f}  lr {lr:.4g}  {ips:.1f} img/s")
             self.estimate(done, t1 - t0)
-            evaluated = done % self.eval_every == 0 or done == plan.end
+            evaluated = done % self.eval_every == 0 or done == end
             if evaluated:
                 self.last_eval = self.run_eval(done)
-            stopping = stop.requested is not None and done < plan.end
-            if done % self.save_every == 0 or done == plan.end or stopping:
+            stopping = stop.requested is not None and done < end
+            if done % self.save_every == 0 or done == end or stopping:
                 self.save(done)
             if on_step is not None:
                 on_step(done, {**record, "eval": self.records[-1]["eval"]} if evaluated else dict(record))
             if stopping:
-                raise stop.stopped(done, plan.end)
-        if self.last_eval is None or self.start >= plan.end:  # a finished run resumed without a summary
+                raise stop.stopped(done, end)
+        if self.last_eval is None or self.start >= end:  # a finished run resumed without a summary
             # Its final evaluation is in the log already unless the run was killed before writing it.
-            logged = any(r["step"] == plan.end for r in self.records if "eval" in r)
-            self.last_eval = self.run_eval(plan.end, log=not logged)
-            self.save(plan.end)
+            logged = any(r["step"] == end for r in self.records if "eval" in r)
+            self.last_eval = self.run_eval(end, log=not logged)
+            self.save(end)
 
     def finish(self) -> dict[str, Any]:
         """The checkpoint (with the evaluation crop as its data config) and summary.json; the summary."""
