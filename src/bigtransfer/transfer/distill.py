@@ -58,7 +58,7 @@ from ..model.memory import check_training
 from ..model.preprocess import data_config
 from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
-from .config import EVALS_PER_RUN, DistillConfig
+from .config import DistillConfig
 from .finetune import (
     _drive,
     _fingerprint,
@@ -299,9 +299,7 @@ class _Distillation(_Training):
         self.scaler = grad_scaler(self.device, c.precision)
         self.fingerprint = _fingerprint(self.data)
         self.teacher_sha256 = file_digest(c.teacher)
-        self.eval_every = c.eval_every or max(1, c.steps // EVALS_PER_RUN)
-        self.save_every = c.save_every or self.eval_every
-        self.start, self.extra = 0, {}
+        self.set_cadence(c.eval_every, c.save_every)
 
     @property
     def eval_examples(self) -> int:
@@ -345,10 +343,7 @@ class _Distillation(_Training):
         if self.eval_loader is None:
             return None
         result = evaluate(self.model, self.eval_loader, self.classes, device=self.device, precision=self.c.precision)
-        record = {"step": done, "eval": {k: v for k, v in result.items() if k not in ("confusion", "top_confusions")}}
-        if log:
-            self.logger.log(record)
-            self.records.append(json.loads(to_json(record)))
+        self.record_eval(done, result, log)
         self.say(f"eval at step {done}: student top-1 {result['top1']:.4f}, loss {result['loss']:.4f} "
                  f"({result['examples']} images)")
         return result

@@ -315,8 +315,12 @@ class _Training:
         self.optimizer = sgd(self.model.parameters(), self.device, lr=0.0, momentum=MOMENTUM, weight_decay=0.0)
         self.scaler = grad_scaler(self.device, c.precision)
         self.fingerprint = _fingerprint(splits)
-        self.eval_every = c.eval_every or max(1, plan.end // EVALS_PER_RUN)
-        self.save_every = c.save_every or self.eval_every
+        self.set_cadence(c.eval_every, c.save_every)
+
+    def set_cadence(self, eval_every: int | None, save_every: int | None) -> None:
+        """Evaluate (default: EVALS_PER_RUN times a run) and save (default: at each evaluation) every N steps."""
+        self.eval_every = eval_every or max(1, self.end // EVALS_PER_RUN)
+        self.save_every = save_every or self.eval_every
         self.start, self.extra = 0, {}
 
     @property
@@ -400,10 +404,8 @@ class _Training:
         eval_s = self.eval_examples * per_step / self.c.batch / 3  # forward only: about 1/3 of a training step
         self.say(time_estimate(per_step, end - done, eval_s, evals_left, describe(self.device)))
 
-    def run_eval(self, done: int, log: bool = True) -> dict[str, Any]:
-        c, splits = self.c, self.splits
-        result = evaluate(self.model, self.eval_loader, len(splits.classes), device=self.device,
-                          precision=c.precision)
+    def record_eval(self, done: int, result: dict[str, Any], log: bool) -> None:
+        """Count an evaluation's time and images; log it (unless `log` is False: already in the log)."""
         self.counters["eval_s"] += result["seconds"]
         self.counters["eval_images"] += result["examples"]
         # The confusions grow with the classes: only the final ones are kept (summary.json, confusion.png).
@@ -411,6 +413,12 @@ class _Training:
         if log:
             self.logger.log(record)
             self.records.append(json.loads(to_json(record)))
+
+    def run_eval(self, done: int, log: bool = True) -> dict[str, Any]:
+        c, splits = self.c, self.splits
+        result = evaluate(self.model, self.eval_loader, len(splits.classes), device=self.device,
+                          precision=c.precision)
+        self.record_eval(done, result, log)
         self.say(f"eval at step {done}: {scores(result['top1'], result['top5'], len(splits.classes))}  loss "
                  f"{result['loss']:.4f} ({result['examples']} {splits.eval_name} images)")
         if done == self.end or time.perf_counter() - self.plotted > PLOT_EVERY_S:
