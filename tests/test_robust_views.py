@@ -9,7 +9,7 @@ import torch
 
 from bigtransfer.cli import main
 from bigtransfer.data import pretraining as pt
-from bigtransfer.data.pretraining import load_pretrain_data, robust_view, train_batches
+from bigtransfer.data.pretraining import load_pretrain_data, robust_view, robust_views, train_batches
 from bigtransfer.upstream.config import PretrainConfig
 
 from .test_packed import write_corpus
@@ -72,6 +72,14 @@ def test_draws_follow_the_documented_order(seed):
         torch.rand((), generator=ref)
         torch.randn(1, 2, pt.ELASTIC_GRID, pt.ELASTIC_GRID, generator=ref)
     assert torch.equal(gen.get_state(), ref.get_state())  # the next image's draws cannot depend on the views
+
+
+def test_a_batch_gets_exactly_the_views_of_its_images_one_by_one():
+    x = torch.rand(64, 3, 24, 24) * 2 - 1  # 64 images: every kind of view and several low-res sides occur
+    batched = robust_views(x, [torch.Generator().manual_seed(s) for s in range(64)])
+    single = torch.stack([robust_view(x[s], torch.Generator().manual_seed(s)) for s in range(64)])
+    assert torch.equal(batched, single)
+    assert not torch.equal(batched, x) and torch.equal(robust_views(x[:0], []), x[:0])
 
 
 def test_packed_stream_applies_the_views_after_the_crop(tmp_path, monkeypatch):
