@@ -10,7 +10,7 @@ import torch
 from bigtransfer.cli import main
 from bigtransfer.data import pretraining as pt
 from bigtransfer.data.pretraining import load_pretrain_data, robust_view, robust_views, train_batches
-from bigtransfer.upstream.config import PretrainConfig
+from bigtransfer.upstream.config import AUGMENTS, PretrainConfig
 
 from .test_packed import write_corpus
 
@@ -82,15 +82,29 @@ def test_a_batch_gets_exactly_the_views_of_its_images_one_by_one():
     assert not torch.equal(batched, x) and torch.equal(robust_views(x[:0], []), x[:0])
 
 
+def test_every_augment_with_views_is_offered_and_robust_small_draws_its_own_odds(monkeypatch):
+    assert AUGMENTS == ("bit", *pt.ROBUST_AUGMENTS)  # the torch-free config names exactly the augments that exist
+    small = pt.view_odds("robust-small")
+    assert (small.elastic_p, small.lowres_p, small.lowres_sizes) == (0.7, 0.6, (6, 16))
+    assert small.grey_p == pt.GREY_P and small.invert_p == pt.INVERT_P and pt.view_odds() == pt.view_odds("robust")
+    gens = [torch.Generator().manual_seed(s) for s in range(256)]
+    draws = [pt._draw_view(g, small) for g in gens]
+    lowres = sum(d.side is not None for d in draws) / 256
+    assert 0.5 < lowres < 0.7 and all(6 <= d.side <= 16 for d in draws if d.side is not None)
+    assert 0.6 < sum(d.field is not None for d in draws) / 256 < 0.8
+    monkeypatch.setattr(pt, "INVERT_P", 1.0)  # module values are read at call time; robust-small keeps invert's
+    assert pt.view_odds("robust-small").invert_p == 1.0
+
+
 def test_packed_stream_applies_the_views_after_the_crop(tmp_path, monkeypatch):
     write_corpus(tmp_path / "c", n_train=12)
     assert main(["pack", str(tmp_path / "c"), str(tmp_path / "p")]) == 0
     data = load_pretrain_data(tmp_path / "p")
     bit = [x for x, _ in train_batches(data, 8, 4, 3, 0, 1, 1, 0, 3, 0)]
     only(monkeypatch, "invert")
-    robust = [x for x, _ in train_batches(data, 8, 4, 3, 0, 1, 1, 0, 3, 0, robust=True)]
+    robust = [x for x, _ in train_batches(data, 8, 4, 3, 0, 1, 1, 0, 3, 0, augment="robust")]
     assert all(torch.equal(r, -b) for r, b in zip(robust, bit, strict=True))  # same crops, then the view
-    resumed = [x for x, _ in train_batches(data, 8, 4, 3, 0, 1, 1, 1, 3, 0, robust=True)]
+    resumed = [x for x, _ in train_batches(data, 8, 4, 3, 0, 1, 1, 1, 3, 0, augment="robust")]
     assert all(torch.equal(r, s) for r, s in zip(robust[1:], resumed, strict=True))
 
 
@@ -103,5 +117,5 @@ def test_pretrain_records_the_augment_and_a_resume_must_keep_it(tmp_path, capsys
     assert json.loads((tmp_path / "run" / "config.json").read_text())["augment"] == "robust"
     assert main([*args, "--augment", "bit"]) == 2
     assert "augment" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="augment must be one of bit, robust"):
+    with pytest.raises(ValueError, match="augment must be one of bit, robust, robust-small"):
         PretrainConfig(data="d", out=str(tmp_path / "o"), augment="mixup").validate()

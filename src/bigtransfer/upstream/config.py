@@ -16,8 +16,9 @@ from ..engine.precision import UNSCALED_PRECISIONS, check_precision
 
 LOSSES = ("sigmoid", "softmax")
 LOSS_SETTINGS = ("auto", *LOSSES)
-# "bit": the paper's random-resized crop + flip; "robust": then also `data.pretraining.robust_view`.
-AUGMENTS = ("bit", "robust")  # auto: the one the labels call for (`resolve_loss`)
+# "bit": the paper's random-resized crop + flip; the others: then also `data.pretraining.robust_view` with the odds
+# of `data.pretraining.ROBUST_AUGMENTS` (named here too, so that this module stays free of torch).
+AUGMENTS = ("bit", "robust", "robust-small")
 PRECISIONS = UNSCALED_PRECISIONS  # fp16 would need a gradient scaler; bf16 does not
 FULL_BATCH = 4096
 
@@ -72,7 +73,8 @@ class PretrainConfig:
     lr: float | None = setting(None, "peak learning rate (default 0.03 x batch / 256)")
     augment: str = setting("bit", "bit (default): the paper's random-resized crop + flip; robust: then also random "
                            "elastic warps, low resolution, greyscale and inversion (for corpora of crisp renders, "
-                           "e.g. BiT-Mini's)", choices=AUGMENTS)
+                           "e.g. BiT-Mini's); robust-small: more often and lower, for tiny downstream images",
+                           choices=AUGMENTS)
     weight_decay: float = setting(1e-4, "L2 weight decay (default %(default)s, on all weights)")
     decay_norm_and_bias: bool = setting(True, "exempt GroupNorm and bias parameters from decay",
                                         flag="--no-decay-norm-bias")

@@ -403,7 +403,7 @@ class _Pretraining:
             self.local += torch.tensor(self.extra["pending_loss"], dtype=torch.float64)
         self.batches = train_batches(self.data, plan.resolution, plan.batch, config.seed, env.rank, env.world_size,
                                      config.batch_split, start, plan.steps, config.workers,
-                                     robust=config.augment == "robust")
+                                     augment=config.augment)
 
     def update(self, step: int) -> float:
         """One SGD update over this process's micro-batches of `step`; returns its learning rate."""
