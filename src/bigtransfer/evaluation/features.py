@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..core.atomic import atomic_path
 from ..core.paths import name_bytes
 from ..data.datasets import Skipped
 from ..data.sources import is_npz_row
 from ..deploy.inference import DEFAULT_BATCH, embed_files
+from ..model.checkpoints import weights_digest  # noqa: F401 - re-exported: its home before model/checkpoints.py
 from ..model.downloads import cache_dir
 from ..model.resnetv2 import ResNetV2
 
@@ -40,19 +40,6 @@ class FeatureSet:
 def default_cache_dir() -> Path:
     """Where feature caches live: a 'features' folder in the download cache."""
     return cache_dir() / "features"
-
-
-def weights_digest(model: ResNetV2) -> str:
-    """SHA-256 of the model's weights (names, dtypes, shapes and bytes) plus its architecture, WS eps and padding."""
-    # The same weights with SAME padding give other features; the authors' padding keeps the keys it always had.
-    padding = "" if model.padding == "fixed" else f"|{model.padding}"
-    h = hashlib.sha256(f"{model.arch.name}|{model.ws_eps!r}{padding}".encode())
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        # Hash the raw bytes through a uint8 view: no dtype conversion, and bf16 works too.
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def files_digest(files: Sequence[str | os.PathLike]) -> str:

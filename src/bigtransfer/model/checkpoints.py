@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -435,3 +436,16 @@ def save_checkpoint(model: ResNetV2, path: str | os.PathLike, dtype: torch.dtype
     else:
         write_safetensors(model.state_dict(), p, model_metadata(model, **metadata), dtype=dtype)
     return p
+
+
+def weights_digest(model: ResNetV2) -> str:
+    """SHA-256 of the model's weights (names, dtypes, shapes and bytes) plus its architecture, WS eps and padding."""
+    # The same weights with SAME padding give other features; the authors' padding keeps the keys it always had.
+    padding = "" if model.padding == "fixed" else f"|{model.padding}"
+    h = hashlib.sha256(f"{model.arch.name}|{model.ws_eps!r}{padding}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        # Hash the raw bytes through a uint8 view: no dtype conversion, and bf16 works too.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -51,8 +51,7 @@ from ..engine.progress import Progress
 from ..engine.rundir import RunDir
 from ..engine.schedule import cosine_lr, piecewise_lr
 from ..engine.step import accumulate_and_step
-from ..model.checkpoints import save_checkpoint
-from ..model.downloads import _sha256
+from ..model.checkpoints import save_checkpoint, weights_digest
 from ..model.factory import create_model
 from ..model.memory import check_training
 from ..model.preprocess import data_config
@@ -244,11 +243,6 @@ def build_student(c: DistillConfig, classes: int, say: Callable[[str], None]) ->
     return model, origin
 
 
-def file_digest(path: str) -> str | None:
-    """sha256 of a teacher's file (None for a name): resuming must not swap the teacher's weights."""
-    return _sha256(Path(path)) if Path(path).is_file() else None
-
-
 # ---------------------------------------------------------------- the run
 
 def run_distill(config: DistillConfig, on_step: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -263,8 +257,10 @@ def run_distill(config: DistillConfig, on_step: Callable[[int, dict[str, Any]], 
     rundir = RunDir(c.out, files=RUN_FILES)
     with rundir.lock(), rundir.stop_on_signal() as stop:
         progress = Progress("nothing" if c.silent else "lines" if c.quiet else "bar", desc="distilling", unit="step")
-        resume, finished = run_status(rundir, c, _settings(c))
-        return _drive(_Distillation(c, rundir, progress.say, t_start), resume, finished, progress, stop, on_step)
+        settings = _settings(c)
+        resume, finished = run_status(rundir, c, settings)
+        run = _Distillation(c, rundir, progress.say, t_start, settings)
+        return _drive(run, resume, finished, progress, stop, on_step)
 
 
 class _Distillation(_Training):
@@ -272,9 +268,10 @@ class _Distillation(_Training):
 
     loss_hint = "try a lower --lr or fp32"
 
-    def __init__(self, c: DistillConfig, rundir: RunDir, say: Callable[[str], None], t_start: float) -> None:
+    def __init__(self, c: DistillConfig, rundir: RunDir, say: Callable[[str], None], t_start: float,
+                 settings: dict[str, Any]) -> None:
         self.c, self.rundir, self.out, self.say, self.t_start, self.end = c, rundir, rundir.path, say, t_start, c.steps
-        self.data_name = c.data
+        self.settings = settings
         self.data = load_data(c)
         say(self.data.summary)
         self.device = pick_device(c.device)
@@ -290,6 +287,7 @@ class _Distillation(_Training):
         # The teacher is frozen: its fast inference form (kernels standardized once) computes the same function.
         # Not calibrated: kernels chosen by timings could differ between a run and its resumption.
         self.teacher_arch = teacher.arch.name
+        self.teacher_sha256 = weights_digest(teacher)  # before the inference form: resuming must find these weights
         self.teacher = (prepare_for_inference(teacher.to(self.device).eval(), calibrate=False)
                         if c.precision == "fp32" else teacher.to(self.device).eval())
         say(f"teacher {c.teacher} ({teacher.arch.name}, {self.classes} classes) at {self.teacher_size} px; student "
@@ -298,7 +296,6 @@ class _Distillation(_Training):
         self.optimizer = make_optimizer(c, self.model.parameters(), self.device)
         self.scaler = grad_scaler(self.device, c.precision)
         self.fingerprint = _fingerprint(self.data)
-        self.teacher_sha256 = file_digest(c.teacher)
         self.set_cadence(c.eval_every, c.save_every)
 
     @property
@@ -311,7 +308,6 @@ class _Distillation(_Training):
     def open(self, resume: bool) -> None:
         """config.json, the loaders from the start step, the counters and the log (kept up to the start step)."""
         c = self.c
-        self.settings = _settings(c)
         resolved = {"warmup": c.warmup_steps, "teacher_resolution": self.teacher_size, "eval_every": self.eval_every,
                     "save_every": self.save_every, "micro_batch": self.micro, "device": str(self.device),
                     "student_start": self.origin, "teacher_arch": self.teacher_arch,

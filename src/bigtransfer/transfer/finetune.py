@@ -231,9 +231,10 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
 def _run(c: FinetuneConfig, rundir: RunDir, on_step: Callable[[int, dict[str, Any]], None] | None, t_start: float,
          stop: StopOnSignal, val: Dataset | None) -> dict[str, Any]:
     progress = Progress("nothing" if c.silent else "lines" if c.quiet else "bar", desc="fine-tuning", unit="step")
-    resume, finished = run_status(rundir, c, _settings(c, val))
+    settings = _settings(c, val)
+    resume, finished = run_status(rundir, c, settings)
     splits, plan = _data_and_plan(c, progress.say, val)
-    run = _Training(c, rundir, splits, plan, progress.say, t_start, _data_name(c, val))
+    run = _Training(c, rundir, splits, plan, progress.say, t_start, settings)
     return _drive(run, resume, finished, progress, stop, on_step)
 
 
@@ -301,9 +302,9 @@ class _Training:
     loss_hint = "try a lower --base-lr or fp32"  # what to do when the loss stops being finite
 
     def __init__(self, c: FinetuneConfig, rundir: RunDir, splits: Any, plan: Any, say: Callable[[str], None],
-                 t_start: float, data_name: str) -> None:
+                 t_start: float, settings: dict[str, Any]) -> None:
         self.c, self.rundir, self.out, self.splits, self.plan = c, rundir, rundir.path, splits, plan
-        self.say, self.t_start, self.data_name, self.end = say, t_start, data_name, plan.end
+        self.say, self.t_start, self.settings, self.end = say, t_start, settings, plan.end
         self.device = pick_device(c.device)
         self.micro = c.batch // c.batch_split
         check_training(resolve(c.model).arch, len(splits.classes), plan.crop, self.micro,
@@ -348,7 +349,7 @@ class _Training:
     def _check_data(self, fingerprint: str | None) -> None:
         if fingerprint != self.fingerprint:
             raise RunDirError(f"{self.out}: the data changed since this run started (other examples, labels or classes "
-                              f"in {self.data_name}); pass --overwrite to start afresh")
+                              f"in {self.settings['data']}); pass --overwrite to start afresh")
 
     def finished(self, fingerprint: str | None, steps: int) -> dict[str, Any]:
         """The summary of the run in RUN, which already finished with these settings and this data."""
@@ -359,7 +360,6 @@ class _Training:
     def open(self, resume: bool) -> None:
         """config.json, the loaders from the start step, the counters and the log (kept up to the start step)."""
         c, out, plan, splits = self.c, self.out, self.plan, self.splits
-        self.settings = {**_settings(c), "data": self.data_name}
         # Created only now, once data, plan and model are good: a run refused before this leaves no empty folder.
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"eval_every": self.eval_every, "save_every": self.save_every, "micro_batch": self.micro,
@@ -394,10 +394,10 @@ class _Training:
     def estimate(self, done: int, step_s: float) -> None:
         """After ESTIMATE_AFTER timed steps, say how long the rest of the run should take (and warn if hours)."""
         end, every = self.end, self.eval_every
-        if done == self.start + 1:  # the first step of a process pays one-off costs (workers, allocator): not timed
+        if done == self.start + 1 or len(self.timed) >= ESTIMATE_AFTER:  # the first step pays one-off costs
             return
         self.timed.append(step_s)
-        if len(self.timed) != ESTIMATE_AFTER or done >= end:
+        if len(self.timed) < ESTIMATE_AFTER or done >= end:
             return
         per_step = sum(self.timed) / len(self.timed)
         evals_left = end // every - done // every + (1 if end % every else 0)
