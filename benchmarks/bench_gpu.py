@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import flops_per_image, our_model  # noqa: E402
 from bigtransfer.core.atomic import write_text  # noqa: E402
 from bigtransfer.deploy.inference_model import prepare_for_inference  # noqa: E402
-from peers import hf_bit, hf_logits  # noqa: E402
+from peers import hf_bit, hf_logits, timm_bit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
@@ -122,9 +122,8 @@ def tf32(enabled: bool):
 def timm_peer():
     """timm's BiT builder, or the reason it cannot be used (it is optional, and may not import at all)."""
     try:
-        peers = importlib.import_module("peers")
         importlib.import_module("timm")
-        return peers.timm_bit, None
+        return timm_bit, None
     except Exception as e:  # timm can fail with ImportError, or RuntimeError from a torchvision clash
         return None, f"timm unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 

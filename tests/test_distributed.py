@@ -144,7 +144,8 @@ def test_torchrun_with_one_process_joins_a_group_and_wraps(monkeypatch):
         monkeypatch.setenv(var, value)
     env = du.init_distributed("cpu")
     try:
-        assert (env.world_size, env.backend) == (1, "gloo") and torch.distributed.is_initialized()
+        assert (env.world_size, env.backend, env.distributed) == (1, "gloo", True)
+        assert torch.distributed.is_initialized()
         assert type(du.wrap_ddp(torch.nn.Linear(2, 2), env)).__name__ == "DistributedDataParallel"
         assert du.all_reduce_sum(torch.tensor([3.0])).item() == 3.0
     finally:

@@ -82,6 +82,13 @@ def test_refusals(monkeypatch):
     assert tuple(field.metadata.get("choices", ENGINE_CHOICES)) == engines.ENGINES
     with pytest.raises(UserError, match="fp32 only"):
         FrozenEvalConfig("linear", "data", "out", engine="onnxruntime", precision="bf16").validate()
+    # ... and take --engine from their command line.
+    from bigtransfer.cli import build_parser
+    from bigtransfer.cli.options import config_from
+
+    for method in ("linear", "knn"):
+        args = build_parser().parse_args(["evaluate", method, "--data", "d", "--out", "o", "--engine", "onnxruntime"])
+        assert config_from(FrozenEvalConfig, args, method=method).engine == "onnxruntime"
 
 
 def test_embed_and_cli_predict_agree_with_torch(model, folder, tmp_path, capsys):  # noqa: F811

@@ -13,7 +13,7 @@ from ..evaluation.config import SHARED_SETTINGS, FewShotConfig, FrozenEvalConfig
 from .options import add_options, config_from
 
 # The frozen-feature options, in the order --help lists them (k-NN adds --k).
-FROZEN_OPTIONS = ("data", "model", "weights", "resolution", "precision", "batch", "workers", "device",
+FROZEN_OPTIONS = ("data", "model", "weights", "resolution", "precision", "engine", "batch", "workers", "device",
                   "examples_per_class", "seed", "out", "cache", "use_cache", "overwrite")
 
 HELP = "Evaluate a checkpoint: linear probe or k-NN on frozen pre-logits (cached), few-shot, VTAB."

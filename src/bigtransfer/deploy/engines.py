@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
+from ..engine.device import pick_device
 from ..model.resnetv2 import ResNetV2
-from .export import DEFAULT_RTOL, INPUT_NAME, ExportError, folded_module, output_name, write_onnx
+from .export import DEFAULT_RTOL, INPUT_NAME, ExportError, eager_logits, folded_module, output_name, rel_error, write_onnx
 from .inference_model import prepare_for_inference
 
 ENGINES = ("torch", "onnxruntime")
@@ -39,6 +40,12 @@ def check_engine(engine: str, precision: str = "fp32", device: str = "auto") -> 
                             "or --engine torch")
 
 
+def engine_device(engine: str, precision: str = "fp32", device: str = "auto") -> torch.device:
+    """check_engine, then the device the engine's batches go to (onnxruntime: always the CPU)."""
+    check_engine(engine, precision, device)
+    return pick_device("cpu" if engine == "onnxruntime" else device)
+
+
 def import_onnxruntime():
     """The onnxruntime module, or a UserError saying how to install it."""
     try:
@@ -47,10 +54,6 @@ def import_onnxruntime():
         raise UserError("--engine onnxruntime needs the onnxruntime package: pip install 'bigtransfer[onnx]' "
                         "(or use --engine torch)") from None
     return onnxruntime
-
-
-def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 class OnnxRuntimeRunner:
@@ -74,17 +77,16 @@ class OnnxRuntimeRunner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().float().cpu().contiguous()
-        got = torch.from_numpy(self.session.run([self.output], {INPUT_NAME: x.numpy()})[0])
+        got = self.session.run([self.output], {INPUT_NAME: x.numpy()})[0]
         if self._reference is not None:
-            with torch.no_grad():
-                ref = self._reference(x)
-            err = _rel_error(got, ref)
+            # The same measure as the export's own check (bigtransfer.deploy.export.check_onnx).
+            err = rel_error(got, eager_logits(self._reference, x))
             if not err <= ORT_RTOL:
                 raise ExportError(f"onnxruntime's output differs from the eager model on the first batch (relative "
                                   f"error {err:.2e}, allowed {ORT_RTOL:g}); nothing was computed with it: "
                                   "use --engine torch")
             self.checked, self._reference = err, None
-        return got
+        return torch.from_numpy(got)
 
 
 def runner(model: ResNetV2, engine: str, precision: str, features: bool) -> Runner:

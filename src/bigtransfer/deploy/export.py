@@ -166,7 +166,8 @@ def default_check_sizes(model: ResNetV2) -> Sizes:
     return ((r, r), CHECK_SIZES[1]) if (r, r) != CHECK_SIZES[1] else CHECK_SIZES
 
 
-def _rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+def rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude (the check of every export)."""
     return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
@@ -178,7 +179,8 @@ def _check_inputs(batch: int, seed: int, sizes: Sizes) -> list[torch.Tensor]:
     return [torch.rand(batch, 3, h, w, generator=g) * 2 - 1 for h, w in sizes]
 
 
-def _eager(model: ResNetV2, x: torch.Tensor) -> np.ndarray:
+def eager_logits(model: ResNetV2, x: torch.Tensor) -> np.ndarray:
+    """The eager model's float32 outputs for x, without autograd: the reference exports are checked against."""
     with torch.no_grad():
         return model(x).float().numpy()
 
@@ -201,7 +203,7 @@ def check_onnx(model: ResNetV2, path: str | os.PathLike, batches: tuple[int, ...
     for batch in batches:
         for x in _check_inputs(batch, seed, sizes):
             got = session.run([output_name(model)], {INPUT_NAME: x.numpy()})[0]
-            result.rel_errors["x".join(map(str, x.shape))] = _rel_error(got, _eager(model, x))
+            result.rel_errors["x".join(map(str, x.shape))] = rel_error(got, eager_logits(model, x))
     return result
 
 
@@ -219,7 +221,7 @@ def check_torchscript(model: ResNetV2, path: str | os.PathLike, batch: int = 1, 
     for x in _check_inputs(batch, seed, sizes):
         with torch.no_grad():
             got = loaded(x).float().numpy()
-        result.rel_errors["x".join(map(str, x.shape))] = _rel_error(got, _eager(model, x))
+        result.rel_errors["x".join(map(str, x.shape))] = rel_error(got, eager_logits(model, x))
     return result
 
 

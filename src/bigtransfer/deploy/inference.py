@@ -19,7 +19,6 @@ from ..data.datasets import Skipped, default_workers
 from ..data.images import ImageError, is_image_path, open_rgb, to_rgb
 from ..data.sources import is_npz_row, npz_row
 from ..data.transforms import eval_transform
-from ..engine.device import pick_device
 from ..model.checkpoints import CheckpointError, infer_arch, read_checkpoint, read_metadata
 from ..model.downloads import DownloadError, read_labels
 from ..model.factory import create_model
@@ -27,7 +26,7 @@ from ..model.memory import check_fits, inference_bytes
 from ..model.preprocess import create_transform, resolution_of, resolve_data_config
 from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
-from .engines import check_engine, runner
+from .engines import engine_device, runner
 
 DEFAULT_BATCH = 32
 # An input size: a square resolution in px (BiT's squash-resize and scaling) or a data config (bigtransfer.model.preprocess).
@@ -182,8 +181,7 @@ def _run(model: ResNetV2, files: Sequence[str | os.PathLike], config: Size, feat
          workers: int | None, precision: str, device: str, progress: bool,
          on_skip: Callable[[Skipped], None] | None, engine: str = "torch",
          ) -> tuple[list[int], torch.Tensor | None, list[Skipped]]:
-    check_engine(engine, precision, device)
-    dev = pick_device("cpu" if engine == "onnxruntime" else device)
+    dev = engine_device(engine, precision, device)
     size = _transform(config)[1]
     batch = min(batch_size, max(1, len(files)))
     check_fits(inference_bytes(model.arch, model.num_classes, size, batch),
@@ -265,8 +263,7 @@ def predict(model: ResNetV2 | str | os.PathLike, images: ImageInput | Sequence[I
     items = [images] if isinstance(images, str | os.PathLike | PILImage.Image) else list(images)
     transform = create_transform(resolve_data_config(model, resolution=resolution))
     labels, _ = label_names(model)
-    check_engine(engine, precision, device)
-    dev = pick_device("cpu" if engine == "onnxruntime" else device)
+    dev = engine_device(engine, precision, device)
     run = runner(model.to(dev), engine, precision, False)
     preds: list[Prediction] = []
     for start in range(0, len(items), batch_size):

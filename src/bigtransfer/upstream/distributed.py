@@ -36,7 +36,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """In a process group: torchrun started it, even as its only process (then wrap_ddp/wrap_fsdp wrap)."""
+        return self.backend is not None
 
 
 def _env_int(name: str) -> int:
