@@ -189,8 +189,21 @@ def test_confusion_chart_is_a_matrix_up_to_30_classes_and_a_summary_above(tmp_pa
         confusion_plot(tmp_path / "none.png", None, ["a", "b"])
 
 
+def test_the_summary_of_a_matrix_equals_what_the_evaluation_reports():
+    from bigtransfer.engine.metrics import confusion_report
+    from bigtransfer.engine.plots import _from_matrix
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 40, 3000)
+    p = np.where(rng.random(3000) < 0.6, y, rng.integers(0, 40, 3000))
+    report = confusion_report(y, p, 40)  # counted from the examples, without the matrix
+    assert _from_matrix(confusion_matrix(y, p, 40)) == (report["top_confusions"], report["per_class_accuracy"])
+
+
 def test_without_matplotlib_runs_go_on_and_say_once_where_the_plots_would_be(tmp_path, monkeypatch):
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+    # "matplotlib" itself always (it may not be loaded yet when this test runs first), and every loaded submodule,
+    # which an import would otherwise find in sys.modules without looking at its parent.
+    for name in ["matplotlib", *[m for m in sys.modules if m.startswith("matplotlib.")]]:
         monkeypatch.setitem(sys.modules, name, None)  # import matplotlib... raises ImportError
     said = []
     assert write_plots(tmp_path, _run_records(), say=said.append) == []

@@ -211,6 +211,19 @@ def _check_classes(source: str | Path, classes: list[str], train: list[Item], he
     return notes
 
 
+def _hold_out_and_pick(train: list[Item], held: list[Item], classes: list[str], split: bool, val_fraction: float,
+                       seed: int, split_seed: int | None, examples_per_class: int | None) -> tuple[list[Item], list[Item]]:
+    """(train, held): `val_fraction` of each class held out when the source has no evaluation split (`split`), then
+    the K-shot subset of train. One rule for folders and Datasets, so the same images give the same run."""
+    why = ""
+    if split:
+        train, held = stratified_split(train, val_fraction, seed if split_seed is None else split_seed)
+        why = f" after holding out {val_fraction:.0%} per class for evaluation"
+    if examples_per_class is not None:
+        train = _few_shot(train, examples_per_class, seed, classes, why)
+    return train, held
+
+
 def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0, examples_per_class: int | None = None,
                 strict: bool = False, check_images: bool = True, workers: int = 0, split_seed: int | None = None,
                 progress: bool = False, prefer: str = "test") -> DataSplits:
@@ -240,12 +253,8 @@ def load_splits(source: str | Path, *, val_fraction: float = 0.2, seed: int = 0,
         before = _items(found.train + (found.eval or []), index)
         unreadable = Counter(i.label for i in before) - Counter(i.label for i in train + held)
     notes = found.notes + _check_classes(source, found.classes, train, held, unreadable, found.eval_name)
-    why = ""
-    if found.eval is None:
-        train, held = stratified_split(train, val_fraction, seed if split_seed is None else split_seed)
-        why = f" after holding out {val_fraction:.0%} per class for evaluation"
-    if examples_per_class is not None:
-        train = _few_shot(train, examples_per_class, seed, found.classes, why)
+    train, held = _hold_out_and_pick(train, held, found.classes, found.eval is None, val_fraction, seed, split_seed,
+                                     examples_per_class)
     train.sort(key=lambda i: (i.label, i.source))
     held.sort(key=lambda i: (i.label, i.source))
     return DataSplits(train, held, found.classes, found.eval_name, skipped, found.ignored, notes, found.unused)
@@ -347,14 +356,10 @@ def dataset_splits(train: Dataset, val: Dataset | None = None, *, val_fraction: 
     items = {part: [Item(f"{part}#{i}", y) for i, y in enumerate(v)] for part, v in labels.items()}
     notes = _check_classes("the Dataset", classes, items["train"], items.get("val", []), Counter(),
                            "val" if val is not None else "split")
-    train_items, held, why = items["train"], items.get("val", []), ""
-    if val is None:
-        train_items, held = stratified_split(train_items, val_fraction, seed if split_seed is None else split_seed)
-        why = f" after holding out {val_fraction:.0%} per class for evaluation"
-    if examples_per_class is not None:
-        train_items = _few_shot(train_items, examples_per_class, seed, classes, why)
-    train_items.sort(key=lambda i: (i.label, int(i.source.rsplit("#", 1)[1])))
-    held.sort(key=lambda i: (i.label, int(i.source.rsplit("#", 1)[1])))
+    train_items, held = _hold_out_and_pick(items["train"], items.get("val", []), classes, val is None, val_fraction,
+                                           seed, split_seed, examples_per_class)
+    for part in (train_items, held):  # by index, not by name: "train#10" sorts before "train#2"
+        part.sort(key=lambda i: (i.label, int(i.source.rsplit("#", 1)[1])))
     return DataSplits(train_items, held, classes, "val" if val is not None else "split", notes=notes,
                       opener=DatasetImages(parts))
 

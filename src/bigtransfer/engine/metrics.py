@@ -248,9 +248,8 @@ class _CsvLog:
         writer.writerows(rows)
         write_text(self.path, buf.getvalue())
 
-    def log(self, record: dict[str, Any]) -> None:
-        """Add the row of a record already written to metrics.jsonl."""
-        row = flat_scalars(record)
+    def log(self, row: dict[str, Any]) -> None:
+        """Add the row (`flat_scalars`) of a record already written to metrics.jsonl."""
         if self._grow(row):
             self._rewrite()
             return
@@ -284,9 +283,9 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         """Write one record to every log."""
         self.jsonl.log(record)
-        self.csv.log(record)
+        row = flat_scalars(record)  # once per record: logged every step, shared by the CSV and TensorBoard
+        self.csv.log(row)
         if self.board is not None:
-            row = flat_scalars(record)
             step = int(row.get("step", 0) or 0)
             for column, value in row.items():
                 if column != "step" and isinstance(value, int | float) and not isinstance(value, bool):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import atomic_path
+from .metrics import per_class_accuracy as accuracy_per_class  # renamed: confusion_plot has a parameter of that name
 
 # matplotlib's tab10: distinct for the first ten series.
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -209,14 +210,14 @@ def confusion_summary_figure(classes: Sequence[str], top_confusions: Sequence[Ma
 
 
 def _from_matrix(m: np.ndarray) -> tuple[list[dict[str, int]], list[float | None]]:
-    """Top confusions and per-class accuracy of a count matrix (for callers that only have the matrix)."""
+    """Top confusions and per-class accuracy of a count matrix (for callers that only have the matrix), ordered
+    as `engine.metrics.confusion_report` orders them: by count, ties to the smaller (true, predicted)."""
     off = m.copy()
     np.fill_diagonal(off, 0)
     order = np.argsort(-off, axis=None, kind="stable")[:SUMMARY_ROWS]
     pairs = [{"true": int(k // m.shape[0]), "predicted": int(k % m.shape[0]), "count": int(off.flat[k])}
              for k in order if off.flat[k] > 0]
-    rows = m.sum(axis=1)
-    return pairs, [float(m[i, i] / t) if t else None for i, t in enumerate(rows)]
+    return pairs, accuracy_per_class(m)
 
 
 def confusion_plot(path: str | os.PathLike, matrix: Sequence[Sequence[int]] | np.ndarray | None,
@@ -225,8 +226,8 @@ def confusion_plot(path: str | os.PathLike, matrix: Sequence[Sequence[int]] | np
                    title: str = "Confusion matrix (rows: true class, columns: predicted)") -> Path:
     """The confusion chart: the matrix up to MATRIX_MAX_CLASSES classes, else (or without a matrix) a summary.
 
-    The summary needs `top_confusions` and `per_class_accuracy` (as `engine.metrics.Evaluation` reports them) when
-    no matrix is given; with a matrix they are computed from it.
+    The summary uses `top_confusions` and `per_class_accuracy` (as `engine.metrics.Evaluation` reports them); a
+    matrix given without them is summarised by `_from_matrix`.
     """
     n = len(classes)
     m = None if matrix is None else np.asarray(matrix, dtype=np.int64)
@@ -234,7 +235,7 @@ def confusion_plot(path: str | os.PathLike, matrix: Sequence[Sequence[int]] | np
         raise ValueError(f"confusion matrix of shape {m.shape} does not match {n} class names")
     if m is not None and n <= MATRIX_MAX_CLASSES:
         return _save(matrix_figure(m, classes, title), path)
-    if m is not None:
+    if (top_confusions is None or per_class_accuracy is None) and m is not None:
         top_confusions, per_class_accuracy = _from_matrix(m)
     if top_confusions is None or per_class_accuracy is None:
         raise ValueError("a confusion summary needs top_confusions and per_class_accuracy when there is no matrix")
@@ -256,8 +257,13 @@ def eval_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
 
 def _chart_series(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict, dict]:
     """Loss, lr and accuracy series of a run's records."""
-    train = [r for r in records if "loss" in r and eval_of(r) is None]
-    evals = [(r["step"], eval_of(r)) for r in records if eval_of(r) is not None]
+    train, evals = [], []
+    for r in records:  # eval_of once per record: a pre-training log holds one record per logged step
+        e = eval_of(r)
+        if e is not None:
+            evals.append((r["step"], e))
+        elif "loss" in r:
+            train.append(r)
     loss = {"training loss": [(r["step"], r["loss"]) for r in train]}
     if evals:
         loss["evaluation loss"] = [(s, e["loss"]) for s, e in evals if e.get("loss") is not None]
