@@ -4,8 +4,11 @@ through its frozen features. These hold for a BiT-Mini that carries recommended 
 import json
 
 import pytest
+import torch
 
 from bigtransfer.cli import main
+from bigtransfer.model.checkpoints import save_checkpoint
+from bigtransfer.model.resnetv2 import ResNetV2
 from bigtransfer.transfer.demo import write_digits
 from bigtransfer.transfer.finetune import recommended_settings
 
@@ -36,13 +39,20 @@ def test_fine_tuning_with_the_defaults_beats_chance_and_scratch_on_shapes(tmp_pa
     assert mini >= chance + 0.35 and mini >= scratch + 0.10, (mini, scratch)
 
 
+# Issue 11's criterion, not met by v2 (update 12,000): 0.827 against 0.770 for random weights (docs/models/BiT-Mini.md).
+# Strict: the suite fails when a future BiT-Mini meets it, so that this mark and the card are updated.
+@pytest.mark.xfail(strict=True, reason="issue 11: v2's frozen features are +5.7 points over random ones on digits, not +15")
 def test_linear_probe_on_frozen_features_beats_random_features_by_15_points(tmp_path):
     pytest.importorskip("sklearn")
     digits = write_digits(tmp_path / "digits")
+    torch.manual_seed(0)
+    random_weights = save_checkpoint(ResNetV2("R26x0.5", 10), tmp_path / "random.safetensors")
     scores = {}
-    for name in (NAME, "R26x0.5"):
+    for name, weights in ((NAME, []), ("random", ["--model", "R26x0.5", "--weights", str(random_weights)])):
         out = tmp_path / name
-        assert main(["evaluate", "linear", "--data", str(digits), "--model", name, "--examples-per-class", "10",
+        model = ["--model", NAME] if not weights else weights
+        assert main(["evaluate", "linear", "--data", str(digits), *model, "--examples-per-class", "10",
                      "--resolution", "40", "--out", str(out), "--no-cache", *QUICK[:2]]) == 0
         scores[name] = json.loads((out / "results.json").read_text())["top1"]
-    assert scores[NAME] >= scores["R26x0.5"] + 0.15, scores
+    assert 0.5 < scores["random"] < scores[NAME], scores  # both probes ran on real features
+    assert scores[NAME] >= scores["random"] + 0.15, scores

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -15,9 +16,13 @@ from PIL import Image
 
 from bigtransfer import read_checkpoint
 from bigtransfer.cli import main
+from bigtransfer.core.errors import UserError
 from bigtransfer.engine.metrics import read_jsonl
+from bigtransfer.model.checkpoints import read_metadata
+from bigtransfer.model.registry import resolve
 from bigtransfer.model.resnetv2 import ResNetV2
-from bigtransfer.transfer.demo import DemoModel, DemoSettings, run_demo, write_digits
+from bigtransfer.transfer.config import EMOJI_VIEWS
+from bigtransfer.transfer.demo import EMOJI_TAR, DemoModel, DemoSettings, run_demo, write_digits, write_emoji
 from bigtransfer.transfer.finetune import FinetuneConfig, mixup_lambda, run_finetune
 
 from .test_finetune import make_image_folder
@@ -184,13 +189,43 @@ def test_demo_digits_folder_and_a_tiny_demo_run(tmp_path, capsys):
     models = (DemoModel("tiny", "R14x0.5", base_lr=1.0), DemoModel("other", "R14x0.5", base_lr=0.1))
     results = run_demo(tmp_path, settings, models=models, quiet=True)
     out = capsys.readouterr().out
-    assert len(results) == 8 and {r["examples"] for r in results} == {10, 20} and results[0]["eval_examples"] == 30
-    assert "2-shot digits" in out and "difference of medians" in out and "checkpoint:" in out and "160/128" in out
-    assert (tmp_path / "tiny" / "k2" / "seed1" / "checkpoint.safetensors").is_file()
-    table = json.loads((tmp_path / "results.json").read_text())["models"]["tiny"]["2"]
-    tops = [json.loads((tmp_path / "tiny" / "k2" / f"seed{s}" / "summary.json").read_text())["top1"] for s in (0, 1)]
-    assert table["top1"] == tops and table["median"] == pytest.approx(float(np.median(tops)))
-    assert (tmp_path / "accuracy_vs_shots.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(results) == 16 and {r["examples"] for r in results} == {10, 20}
+    assert {r["eval_examples"] for r in results} == {30}
+    assert "2-shot digits" in out and "2-shot emoji" in out and "difference of medians" in out
+    assert "checkpoint:" in out and "160/128" in out
+    for task in ("emoji", "digits"):
+        assert (tmp_path / task / "tiny" / "k2" / "seed1" / "checkpoint.safetensors").is_file()
+        table = json.loads((tmp_path / "results.json").read_text())["tasks"][task]["models"]["tiny"]["2"]
+        tops = [json.loads((tmp_path / task / "tiny" / "k2" / f"seed{s}" / "summary.json").read_text())["top1"]
+                for s in (0, 1)]
+        assert table["top1"] == tops and table["median"] == pytest.approx(float(np.median(tops)))
+        assert (tmp_path / f"accuracy_vs_shots_{task}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_emoji_are_real_jpegs_of_classes_the_bundled_model_never_saw(tmp_path):
+    root = write_emoji(tmp_path / "emoji", test_per_class=5)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert len(classes) == 10 and classes == sorted(p.name for p in (root / "test").iterdir())
+    for cls in classes:
+        assert len(list((root / "train" / cls).glob("*.jpg"))) == EMOJI_VIEWS[0]
+        assert len(list((root / "test" / cls).glob("*.jpg"))) == 5
+    with Image.open(next((root / "test" / classes[0]).glob("*.jpg"))) as img:
+        assert img.format == "JPEG" and img.size == (64, 64) and img.mode == "RGB"
+    # "Never saw": none of the classes is a label of the shipped model (its upstream classes)
+    labels = set(json.loads(read_metadata(resolve("BiT-Mini-R26x0.5").path)["labels"]))
+    assert len(labels) > 5000 and not {f"emoji:{c.replace('_', ' ')}" for c in classes} & labels
+    assert any(label.startswith("emoji:") for label in labels)
+    with tarfile.open(EMOJI_TAR) as tar:
+        source = json.loads(tar.extractfile("emoji/SOURCE.json").read())
+    assert sorted(c.split(":", 1)[1].replace(" ", "_") for c in source["classes"]) == classes
+    write_emoji(root, test_per_class=3)  # a smaller split removes the test images it no longer holds
+    assert len(list((root / "test").rglob("*.jpg"))) == 30
+
+
+def test_demo_settings_refuse_more_shots_than_the_emoji_task_has():
+    with pytest.raises(UserError, match="emoji task has 16"):
+        DemoSettings(shots=(1, 17)).validate()
+    DemoSettings(shots=(1, 17), tasks=("digits",)).validate()
 
 
 def test_demo_cli_rejects_bad_numbers(capsys):

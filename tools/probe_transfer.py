@@ -1,4 +1,4 @@
-"""Transfer probes of pre-trained checkpoints on the demo's digits: the evidence behind BiT-Mini's model card.
+"""Transfer probes of pre-trained checkpoints on the demo's tasks: the evidence behind BiT-Mini's model card.
 
 For each checkpoint (a .safetensors file, or a pre-training run's state.pt together with --data): the linear probe on
 frozen features at K = 1 and 10 per class (`bigtransfer evaluate linear`'s code), and fine-tuning as `make demo`
@@ -21,6 +21,7 @@ from state_to_checkpoint import model_from_state  # the sibling tool (a script's
 
 from bigtransfer.evaluation.linear import FrozenEvalConfig, run_frozen_eval
 from bigtransfer.model.checkpoints import save_checkpoint
+from bigtransfer.transfer.config import DEMO_TASK_NAMES
 from bigtransfer.transfer.demo import DemoModel, DemoSettings, run_demo, write_digits
 
 
@@ -43,6 +44,10 @@ def linear_probe(weights: Path, digits: Path, k: int, resolution: int, out: Path
     return float(run_frozen_eval(config, say=lambda _: None)["top1"])
 
 
+def _medians(runs: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, float]]:
+    return {t: {k: float(np.median(v)) for k, v in row.items()} for t, row in runs.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", type=Path)
@@ -53,11 +58,13 @@ def main() -> None:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--base-lr", type=float, default=0.5, help="fine-tuning base lr at batch 512 (both models)")
     p.add_argument("--steps", type=int, default=DemoSettings.steps)
+    p.add_argument("--tasks", nargs="+", default=list(DEMO_TASK_NAMES), choices=DEMO_TASK_NAMES,
+                   help="the demo's tasks to fine-tune on (the linear probe is on the digits)")
     args = p.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     digits = write_digits(args.out / "digits")
-    settings = DemoSettings(shots=tuple(args.shots), seeds=args.seeds, steps=args.steps)
+    settings = DemoSettings(tasks=tuple(args.tasks), shots=tuple(args.shots), seeds=args.seeds, steps=args.steps)
     rows = []
     for i, path in enumerate(args.checkpoints):
         ckpt = as_checkpoint(path, args.arch, args.data, args.out)
@@ -66,24 +73,24 @@ def main() -> None:
         if i == 0:  # scratch once: its runs do not depend on the checkpoint
             models += (DemoModel("scratch", args.arch, base_lr=args.base_lr),)
         runs = run_demo(args.out / "demo", settings, models, quiet=True)
-        by_model: dict[str, dict[int, list[float]]] = {}
-        jobs = [(m.title, k) for k in settings.shots for _ in range(settings.seeds) for m in models]
-        for (title, k), r in zip(jobs, runs, strict=True):
-            by_model.setdefault(title, {}).setdefault(k, []).append(r["top1"])
-        record = {"checkpoint": str(path), "linear": lin,
-                  "finetune_median": {k: float(np.median(v)) for k, v in by_model[f"probe{i}"].items()},
+        by_model: dict[str, dict[str, dict[int, list[float]]]] = {}  # model -> task -> K -> top-1 per seed
+        jobs = [(m.title, t, k) for t in settings.tasks for k in settings.shots for _ in range(settings.seeds)
+                for m in models]  # run_demo's order
+        for (title, t, k), r in zip(jobs, runs, strict=True):
+            by_model.setdefault(title, {}).setdefault(t, {}).setdefault(k, []).append(r["top1"])
+        record = {"checkpoint": str(path), "linear": lin, "finetune_median": _medians(by_model[f"probe{i}"]),
                   "finetune": by_model[f"probe{i}"]}
         if "scratch" in by_model:
-            rows.append({"checkpoint": "scratch", "finetune_median": {k: float(np.median(v))
-                                                                      for k, v in by_model["scratch"].items()}})
+            rows.append({"checkpoint": "scratch", "finetune_median": _medians(by_model["scratch"])})
         rows.append(record)
         with open(args.out / "probes.jsonl", "a") as f:
             f.write(json.dumps(record | {"seeds": args.seeds, "base_lr": args.base_lr, "steps": args.steps}) + "\n")
-    print("| checkpoint | linear K=1 | linear K=10 | " + " | ".join(f"fine-tune K={k}" for k in settings.shots) + " |")
+    print("| checkpoint | linear K=1 | linear K=10 | " + " | ".join(
+        f"{t} K={k}" for t in settings.tasks for k in settings.shots) + " |")
     for r in rows:
         lin = r.get("linear", {})
         cells = [f"{lin[k]:.3f}" if k in lin else "-" for k in (1, 10)]
-        cells += [f"{r['finetune_median'][k]:.3f}" for k in settings.shots]
+        cells += [f"{r['finetune_median'][t][k]:.3f}" for t in settings.tasks for k in settings.shots]
         print(f"| {r['checkpoint']} | " + " | ".join(cells) + " |")
 
 

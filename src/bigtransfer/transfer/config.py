@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # torch is not loaded to build the command line
 
 EVALS_PER_RUN = 5  # when eval_every is not given
 TEST_PER_CLASS = 30  # the demo's fixed test split: 300 images
+DEMO_TASK_NAMES = ("emoji", "digits")
+EMOJI_VIEWS = (16, 30)  # training and test images per class in the bundled emoji task (tools/make_demo_emoji.py)
 
 
 @dataclass
@@ -185,6 +187,8 @@ def _apply_model_defaults(c: FinetuneConfig) -> None:
 class DemoSettings:
     """What the demo runs with (small enough for a CPU)."""
 
+    tasks: tuple[str, ...] = setting(DEMO_TASK_NAMES, "image sets: emoji (classes BiT-Mini never saw), digits (a far "
+                                     "domain) (default: both)", nargs="+", choices=DEMO_TASK_NAMES)
     shots: tuple[int, ...] = setting((1, 5, 10), "images per class (default %(default)s)", metavar="K", nargs="+")
     seeds: int = setting(3, "runs per K and model (default %(default)s)")
     steps: int = setting(60, "updates per run (default %(default)s)")
@@ -194,7 +198,7 @@ class DemoSettings:
     resolution: tuple[int, int] = setting((48, 40), "(precrop, crop)", cli=False)
     flip: bool = setting(False, "a mirrored digit is not the same digit", cli=False)
     workers: int = setting(0, "100 tiny PNGs decode faster in-process than worker processes start", cli=False)
-    test_per_class: int = setting(TEST_PER_CLASS, "held-out digits per class", cli=False)
+    test_per_class: int = setting(TEST_PER_CLASS, "held-out images per class", cli=False)
     processes: int | None = setting(None, "fine-tunes side by side, one thread each (default: one per core)")
 
     def validate(self) -> None:
@@ -202,6 +206,11 @@ class DemoSettings:
         for name in ("seeds", "steps", "batch", "processes"):
             check_positive(f"--{name}", getattr(self, name), allow_none=name == "processes")
         check_positive_all("--shots", self.shots)
+        if "emoji" in self.tasks and max(self.shots) > EMOJI_VIEWS[0]:
+            raise UserError(f"--shots: the emoji task has {EMOJI_VIEWS[0]} training images per class, "
+                            f"got {max(self.shots)}")
+        if "emoji" in self.tasks and not 1 <= self.test_per_class <= EMOJI_VIEWS[1]:
+            raise UserError(f"test_per_class must be 1 to {EMOJI_VIEWS[1]} with the emoji task, got {self.test_per_class}")
 
 
 DISTILL_OPTIMIZERS = ("adam", "sgd")
