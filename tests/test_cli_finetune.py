@@ -228,6 +228,13 @@ def test_demo_settings_refuse_more_shots_than_the_emoji_task_has():
     DemoSettings(shots=(1, 17), tasks=("digits",)).validate()
 
 
+def test_demo_runs_a_task_named_twice_once(tmp_path, capsys):
+    settings = DemoSettings(tasks=("digits", "digits"), shots=(1,), seeds=1, steps=1, batch=10, test_per_class=3,
+                            processes=1)
+    results = run_demo(tmp_path, settings, models=(DemoModel("tiny", "R14x0.5", base_lr=1.0),), quiet=True)
+    assert len(results) == 1 and capsys.readouterr().out.count("1-shot digits") == 1
+
+
 def test_demo_cli_rejects_bad_numbers(capsys):
     assert main(["demo", "--shots", "0"]) == 2
     assert "--shots must be positive integers" in capsys.readouterr().err

@@ -190,7 +190,7 @@ def run_demo(out: str | os.PathLike = "bigtransfer-demo", settings: DemoSettings
     s = settings or DemoSettings()
     out = Path(out).resolve()
     t0 = time.perf_counter()
-    tasks = [DEMO_TASKS[name] for name in s.tasks]
+    tasks = [DEMO_TASKS[name] for name in dict.fromkeys(s.tasks)]  # a task named twice runs once
     folders, tests = {}, {}
     for task in tasks:
         folders[task.name] = task.write(out / task.name, s.test_per_class)
