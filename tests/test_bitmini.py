@@ -71,9 +71,6 @@ def test_pretrained_features_group_emoji_classes_it_never_saw(tmp_path):
     assert scores["mini"] > scores["random"] + 0.3 and scores["mini"] > 0.7, scores
 
 
-# Not met by v2 (update 12,000): its features group the digits worse than random weights do (0.563 vs 0.700 here;
-# docs/models/BiT-Mini.md, "The schedule's end"). Strict: the suite fails when a future BiT-Mini meets it again.
-@pytest.mark.xfail(strict=True, reason="issue 11: v2's frozen features group handwritten digits worse than random ones")
 def test_pretrained_features_beat_random_features_on_digits():
     datasets = pytest.importorskip("sklearn.datasets")
     digits = datasets.load_digits()
@@ -87,4 +84,6 @@ def test_pretrained_features_beat_random_features_on_digits():
     for name, model in (("mini", create_model(NAME)), ("random", create_model("R26x0.5", pretrained=False))):
         f_train, f_test = _features(model, digits.images[train]), _features(model, digits.images[test])
         scores[name] = _nearest_mean_accuracy(f_train, y_train, f_test, y_test)
-    assert scores["mini"] > scores["random"] + 0.05, scores
+    assert min(scores.values()) > 0.4, scores  # both group the digits far above chance (measured 0.563, 0.700)
+    if scores["mini"] <= scores["random"] + 0.05:  # v2 groups the digits worse than random weights do (issue 11)
+        pytest.xfail(f"issue 11: BiT-Mini's frozen features group handwritten digits no better than random: {scores}")

@@ -39,9 +39,6 @@ def test_fine_tuning_with_the_defaults_beats_chance_and_scratch_on_shapes(tmp_pa
     assert mini >= chance + 0.35 and mini >= scratch + 0.10, (mini, scratch)
 
 
-# Issue 11's criterion, not met by v2 (update 12,000): 0.827 against 0.770 for random weights (docs/models/BiT-Mini.md).
-# Strict: the suite fails when a future BiT-Mini meets it, so that this mark and the card are updated.
-@pytest.mark.xfail(strict=True, reason="issue 11: v2's frozen features are +5.7 points over random ones on digits, not +15")
 def test_linear_probe_on_frozen_features_beats_random_features_by_15_points(tmp_path):
     pytest.importorskip("sklearn")
     digits = write_digits(tmp_path / "digits")
@@ -54,5 +51,7 @@ def test_linear_probe_on_frozen_features_beats_random_features_by_15_points(tmp_
         assert main(["evaluate", "linear", "--data", str(digits), *model, "--examples-per-class", "10",
                      "--resolution", "40", "--out", str(out), "--no-cache", *QUICK[:2]]) == 0
         scores[name] = json.loads((out / "results.json").read_text())["top1"]
-    assert 0.5 < scores["random"] < scores[NAME], scores  # both probes ran on real features
-    assert scores[NAME] >= scores["random"] + 0.15, scores
+    # Both probes ran on real features, and the pre-trained ones are the better (measured: v2 0.827, random 0.770).
+    assert 0.6 < scores["random"] < 0.9 and scores[NAME] >= scores["random"] + 0.03, scores
+    if scores[NAME] < scores["random"] + 0.15:  # issue 11's criterion, not met by v2 (docs/models/BiT-Mini.md)
+        pytest.xfail(f"issue 11: BiT-Mini's frozen features are not 15 points over random ones on digits: {scores}")

@@ -172,7 +172,7 @@ def test_data_config_is_recorded_and_resolved_from_models_files_and_names(tmp_pa
 
 
 def test_feature_cache_tells_paddings_apart():
-    from bigtransfer.evaluation.features import weights_digest
+    from bigtransfer.model.checkpoints import weights_digest
 
     fixed, same = _ours(), ResNetV2("R14x0.5", 3, padding="same")
     same.load_state_dict(fixed.state_dict())

@@ -17,7 +17,7 @@ from ..core.paths import name_bytes
 from ..data.datasets import Skipped
 from ..data.sources import is_npz_row
 from ..deploy.inference import DEFAULT_BATCH, embed_files
-from ..model.checkpoints import weights_digest  # noqa: F401 - re-exported: its home before model/checkpoints.py
+from ..model.checkpoints import weights_digest
 from ..model.downloads import cache_dir
 from ..model.resnetv2 import ResNetV2
 

@@ -21,10 +21,11 @@ from ..data.datasets import DataSourceError, Item, image_size_of, load_splits, s
 from ..deploy.inference import load_model
 from ..engine.device import pick_device
 from ..engine.metrics import confusion_report, to_json
+from ..model.checkpoints import weights_digest
 from ..model.preprocess import resolution_of
 from ..transfer.hyperrule import resolution as hyperrule_resolution
 from .config import DEFAULT_K, METHODS, VAL_FRACTION, FrozenEvalConfig  # noqa: F401 - re-exported
-from .features import extract_features, weights_digest
+from .features import extract_features
 from .protocol_runs import check_out_dir
 
 # L2 strengths tried on the validation split (objective: mean cross-entropy + l2/2 * ||W||^2, standardized features).

@@ -49,9 +49,10 @@ class DemoModel:
         return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in self.title.lower())
 
 
-# Base lr at batch 512 (the rule's 0.003 barely moves either model in 60 steps of 32). Measured on this demo
-# (10-shot, seed 0, 48/40 px): base lr 0.5 gave scratch R26x0.5 0.73 and BiT-Mini 0.87; 0.1 gave BiT-Mini 0.78.
-# For R14x0.5 from scratch at 30/24 px: 0.5 reached 0.76-0.81, 1.0 only 0.25, 2.0 fell to chance.
+# Base lr at batch 512, the same for both models (the rule's 0.003 barely moves either in 60 steps of 32). It is also
+# BiT-Mini v2's recommended value: on the digits (3 seeds, 1/5/10 shots) 0.5 was the best of 0.05-1.2 at 5 and 10
+# shots, 0.8 became unstable, 1.2 diverged (docs/models/BiT-Mini.md). For R14x0.5 from scratch at 30/24 px: 0.5
+# reached 0.76-0.81, 1.0 only 0.25, 2.0 fell to chance.
 DEMO_LR = 0.5
 DEMO_MODELS: tuple[DemoModel, ...] = (
     DemoModel("BiT-Mini-R26x0.5 (pre-trained)", "BiT-Mini-R26x0.5", base_lr=DEMO_LR),
