@@ -13,7 +13,7 @@ import torch
 
 from bigtransfer.upstream import distributed as du
 
-from .test_pretrain import write_shapes_dataset
+from .test_pretrain import first_sigmoid_loss, write_shapes_dataset
 
 # Same seed and global batch everywhere; lr high enough that 4 updates move the weights by about 1%,
 # so that agreement to 1e-4 says something about the updates, not only about the shared start.
@@ -164,3 +164,18 @@ def test_half_configured_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(RuntimeError, match="WORLD_SIZE='two' is not an integer"):
         du.init_distributed("cpu")
+
+
+def test_init_from_on_two_processes_matches_one(data_and_reference):
+    """Rank 0 loads --init-from first and the other rank after it; both start from the checkpoint's weights."""
+    manifest, root = data_and_reference
+    args = ["--data", str(manifest), "--init-from", str(root / "one" / "checkpoint.safetensors"), *COMMON]
+    _run_here([*args, "--out", str(root / "init_one")])
+    _torchrun([*args, "--out", str(root / "init_two")])
+    start, one, two = _weights(root / "one"), _weights(root / "init_one"), _weights(root / "init_two")
+    assert _norm({k: one[k] - start[k] for k in one}) > 3e-3 * _norm(start)
+    assert _relative(one, two) < 1e-4
+    assert _losses(root / "init_two") == pytest.approx(_losses(root / "init_one"), rel=1e-5)
+    # The head is kept (the same classes): the first loss is far below a fresh sigmoid head's (bias -10: 2-3
+    # positives of 6 give at least 20), which is where the run from random weights began.
+    assert _losses(root / "one")[0] >= first_sigmoid_loss(2, 6) > 20 > 2 * _losses(root / "init_one")[0]

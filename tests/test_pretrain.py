@@ -429,3 +429,83 @@ def test_explicit_loss_resumes_and_auto_is_refused_where_it_would_train_another_
     assert done["resumed_from"] == 1 and done["loss"] == "softmax"
     # The first update started from a zero head (softmax): 6 classes, labels spread over 2-3 of them.
     assert math.log(6.0) <= _first_loss(tmp_path / "run") < math.log(6.0) + 0.1
+
+
+# ---------------------------------------------------------------- --init-from: continuing a pre-training
+
+def test_init_from_starts_at_the_checkpoint_and_keeps_its_head_on_the_same_classes(pretrained_run, tmp_path,
+                                                                                    one_thread):
+    from dataclasses import replace
+
+    from bigtransfer import read_checkpoint
+    from bigtransfer.upstream.pretrain import run_pretrain
+
+    config, summary = pretrained_run
+    ckpt = Path(config.out) / "checkpoint.safetensors"
+    # One update whose lr is 0 (the first update of a warm-up): the run's weights are the checkpoint's.
+    again = replace(config, out=str(tmp_path / "again"), init_from=str(ckpt), steps=1, warmup_steps=1, eval_every=1)
+    result = run_pretrain(again, progress=False)
+    start, _ = read_checkpoint(ckpt)
+    end, meta = read_checkpoint(tmp_path / "again" / "checkpoint.safetensors")
+    assert end.keys() == start.keys() and all(torch.equal(end[k], v) for k, v in start.items())
+    # So the held-out set scores exactly as it did at the end of the first run, head included.
+    assert result["eval_precision_at_1"] == pytest.approx(summary["eval_precision_at_1"])
+    assert result["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["init_from"] == str(ckpt)
+
+
+def test_init_from_on_other_classes_gets_a_new_head_and_keeps_ws_eps(pretrained_run, tmp_path, one_thread, capsys):
+    from bigtransfer import create_model, read_checkpoint, save_checkpoint
+    from bigtransfer.cli import main
+
+    config, _ = pretrained_run
+    source = create_model("R14x0.5", pretrained=Path(config.out) / "checkpoint.safetensors", ws_eps=1e-8)
+    ckpt = save_checkpoint(source, tmp_path / "eps.safetensors")
+    for c, colour in COLORS.items():  # single-label now: 3 classes, none of them a label set of the checkpoint
+        (tmp_path / "colours" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (24, 24), tuple(max(0, v - 12 * i) for v in colour)).save(tmp_path / "colours" / c / f"{i}.png")
+    code = main(["pretrain", "--data", str(tmp_path / "colours"), "--model", "R14x0.5", "--init-from", str(ckpt),
+                 "--out", str(tmp_path / "run"), "--steps", "1", "--warmup-steps", "1", "--batch", "4",
+                 "--resolution", "32", "--workers", "0", "--log-every", "1", "--quiet"])
+    assert code == 0
+    assert "a new head for the data's 3 classes" in capsys.readouterr().err
+    start, _ = read_checkpoint(ckpt)
+    end, meta = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert all(torch.equal(end[k], v) for k, v in start.items() if not k.startswith("head."))
+    assert end["head.weight"].shape[0] == 3 and not end["head.weight"].any() and not end["head.bias"].any()
+    assert json.loads(meta["labels"]) == ["blue", "green", "red"] and float(meta["ws_eps"]) == 1e-8
+    # A zero softmax head: the first loss is ln(3) whatever the backbone.
+    assert _first_loss(tmp_path / "run") == pytest.approx(math.log(3.0), rel=1e-5)
+
+
+def test_init_from_refuses_another_architecture_and_unknown_sources(pretrained_run, tmp_path, capsys):
+    from bigtransfer.cli import main
+
+    config, _ = pretrained_run
+    ckpt = str(Path(config.out) / "checkpoint.safetensors")
+    common = ["pretrain", "--data", config.data, "--steps", "1", "--batch", "4", "--resolution", "32",
+              "--workers", "0", "--quiet"]
+    assert main([*common, "--model", "R26x0.5", "--init-from", ckpt, "--out", str(tmp_path / "a")]) != 0
+    assert "R14x0.5" in capsys.readouterr().err
+    assert main([*common, "--model", "R14x0.5", "--init-from", "no-such-model", "--out", str(tmp_path / "b")]) != 0
+    assert "--init-from no-such-model: no such file, and not a model name" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_run_from_init_from_resumes_exactly(pretrained_run, tmp_path, one_thread):
+    from dataclasses import replace
+
+    from bigtransfer import read_checkpoint
+    from bigtransfer.upstream.pretrain import run_pretrain
+
+    config, _ = pretrained_run
+    go = replace(config, init_from=str(Path(config.out) / "checkpoint.safetensors"), steps=3, warmup_steps=1,
+                 eval_every=3)
+    unbroken = run_pretrain(replace(go, out=str(tmp_path / "unbroken")), progress=False)
+    run_pretrain(replace(go, out=str(tmp_path / "broken"), stop_after=1), progress=False)
+    resumed = run_pretrain(replace(go, out=str(tmp_path / "broken")), progress=False)
+    assert resumed["resumed_from"] == 1 and resumed["final_loss"] == unbroken["final_loss"]
+    a, _ = read_checkpoint(tmp_path / "unbroken" / "checkpoint.safetensors")
+    b, _ = read_checkpoint(tmp_path / "broken" / "checkpoint.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

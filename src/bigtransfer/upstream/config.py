@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from ..core.errors import UserError
@@ -57,6 +58,11 @@ class PretrainConfig:
                             "present), checkpoint.safetensors; locked while a run uses it (rank 0 holds OUT/.lock)")
     model: str = setting("R50x1", "model name or architecture, e.g. R50x1 or BiT-M-R50x1 (random init)",
                          required=True)
+    init_from: str | None = setting(None, "start from this checkpoint's weights (a path, or a model name with "
+                                    "weights) instead of random ones: to continue a pre-training on new data. Its "
+                                    "head is kept when its labels are the data's classes, else a new one starts as "
+                                    "a random run's does; the file must stay readable while the run resumes",
+                                    metavar="CKPT|NAME")
     preset: str = setting("bit-m", "upstream recipe: decay epochs, default length, batch 4096, 224 px (default "
                           "%(default)s)", choices=tuple(sorted(PRESETS)))
     epochs: float | None = setting(None, "passes over the training set (default: the preset's 90 or 40)")
@@ -147,6 +153,13 @@ class PretrainConfig:
         from ..model.registry import resolve
 
         resolve(self.model)  # raises a ValueError listing the known names
+        if self.init_from is not None and not Path(self.init_from).expanduser().is_file():
+            try:
+                named = resolve(self.init_from)
+            except ValueError:
+                raise UserError(f"--init-from {self.init_from}: no such file, and not a model name") from None
+            if not named.has_weights:
+                raise UserError(f"--init-from {self.init_from}: that model has no weights to start from")
         if self.tensorboard:
             from ..engine.metrics import require_tensorboard  # loads torch, as the registry above does
 

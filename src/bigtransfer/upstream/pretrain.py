@@ -174,6 +174,47 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
+def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.DistEnv,
+                  say: Callable[[str], None]) -> ResNetV2:
+    """The model a run starts from: random weights, or --init-from's with its head kept when its labels are `classes`.
+
+    Loaded again when a run resumes (the saved state then replaces the weights), so that its ws_eps and padding,
+    which the state does not hold, stay the checkpoint's.
+    """
+    # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
+    # fork_rng leaves the caller's global generator as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.init_from is None:
+            model = create_model(config.model, num_classes=len(classes), pretrained=False)
+        else:
+            loaded: dict[str, ResNetV2] = {}
+            # Rank 0 first, so that a model name is downloaded once; the others then read the cached file.
+            _main_first(env, lambda: loaded.update(model=_init_weights(config)))
+            model = loaded.get("model") or _init_weights(config)
+    if config.init_from is not None and model.labels == classes:
+        say(f"weights from {config.init_from}, its head too (the same {len(classes)} classes)")
+    else:
+        if config.init_from is not None:
+            say(f"weights from {config.init_from}; a new head for the data's {len(classes)} classes")
+            model.reset_head(len(classes), zero_init=True)
+        init_head(model, config.loss)
+    model.labels = list(classes)
+    return model
+
+
+def _init_weights(config: PretrainConfig) -> ResNetV2:
+    """--init-from's model, refused when it is not the architecture of --model."""
+    source = str(config.init_from)
+    path = Path(source).expanduser()
+    model = create_model(config.model if path.is_file() else source, pretrained=path if path.is_file() else True)
+    arch = resolve(config.model).arch
+    if model.arch != arch:
+        raise UserError(f"--init-from {source} holds an {model.arch.name}, but --model {config.model} is an "
+                        f"{arch.name}")
+    return model
+
+
 # ---------------------------------------------------------------- the run
 
 def _main_first(env: dist_utils.DistEnv, fn: Callable[[], Any]) -> Any:
@@ -345,14 +386,8 @@ class _Pretraining:
         self.state_path = rundir.state_file
         self.micro = plan.batch // env.world_size // config.batch_split
         self.metric_name = "precision@1" if data.multi_label else "top-1"
-        # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
-        # fork_rng leaves the caller's global generator as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            model = create_model(config.model, num_classes=len(data.classes), pretrained=False)
-        init_head(model, config.loss)
-        model.labels = list(data.classes)
-        self.arch, self.ws_eps = model.arch, model.ws_eps
+        model = initial_model(config, list(data.classes), env, say)
+        self.arch, self.ws_eps, self.padding = model.arch, model.ws_eps, model.padding
         model.set_grad_checkpointing(config.grad_checkpointing)  # the same mechanism as fine-tuning's
         model.to(env.device, memory_format=training_layout(env.device, config.channels_last and not config.fsdp))
         if config.fsdp:
@@ -476,7 +511,7 @@ class _Pretraining:
         model_state = self.save_state(plan.steps)
         summary: dict[str, Any] = {}
         if env.is_main:
-            final = ResNetV2(self.arch, len(data.classes), ws_eps=self.ws_eps)
+            final = ResNetV2(self.arch, len(data.classes), ws_eps=self.ws_eps, padding=self.padding)
             load_state(final, model_state, "the trained model")
             final.labels = list(data.classes)
             final.data_config = data_config(plan.resolution)  # the held-out evaluation squashes to the run's resolution
