@@ -509,3 +509,17 @@ def test_a_run_from_init_from_resumes_exactly(pretrained_run, tmp_path, one_thre
     a, _ = read_checkpoint(tmp_path / "unbroken" / "checkpoint.safetensors")
     b, _ = read_checkpoint(tmp_path / "broken" / "checkpoint.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_a_model_name_loads_its_weights(tmp_path, one_thread):
+    from bigtransfer import create_model, read_checkpoint
+    from bigtransfer.upstream.pretrain import run_pretrain
+
+    manifest = write_shapes_dataset(tmp_path / "data", n=8)
+    config = PretrainConfig(data=str(manifest), out=str(tmp_path / "run"), model="R26x0.5",
+                            init_from="BiT-Mini-R26x0.5", steps=1, warmup_steps=1, batch=4, resolution=32, workers=0)
+    run_pretrain(config, progress=False)
+    bundled = create_model("BiT-Mini-R26x0.5").state_dict()
+    end, meta = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert all(torch.equal(end[k], bundled[k]) for k in end if not k.startswith("head."))
+    assert json.loads(meta["labels"]) == ["blue", "circle", "green", "red", "square", "striped"]
