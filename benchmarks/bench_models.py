@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from bigtransfer.core.errors import UserError
 from bigtransfer.deploy.engines import OnnxRuntimeRunner
 from bigtransfer.deploy.inference_model import PRECISIONS, prepare_for_inference
-from bigtransfer.model import gemmconv
+from bigtransfer.model import gemmconv, kernelcal
 from bigtransfer.model.resnetv2 import ResNetV2
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -260,17 +260,34 @@ def training_models(arch: str, which: list[str]) -> dict[str, tuple[torch.nn.Mod
     return out
 
 
-# Our training candidates: "ours" is the model as bigtransfer's fine-tuning and pre-training loops train it
-# (channels-last, GEMM path on); the others take one of those choices away, or add activation checkpointing.
-TRAIN_CANDIDATES = ["hf", "ours", "ours-nchw", "ours-nogemm", "ours-ckpt"]
+def with_training_kernels(step: Step, model: torch.nn.Module, x: torch.Tensor) -> Step:
+    """`step` with each convolution on the kernel measured faster for its forward + backward (the training loops'
+    `kernelcal.TrainingKernels`; the first call measures the shapes the machine's cache lacks)."""
+    kernels = kernelcal.TrainingKernels(None)
+
+    def run():
+        choices = kernels.choices(model, x)
+        with gemmconv.kernel_choices(choices, backward=True) if choices is not None else nullcontext():
+            return step()
+    return run
+
+
+# Our training candidates: "ours" is the model as bigtransfer's fine-tuning, distillation and pre-training loops
+# train it (channels-last, each convolution on its measured kernel); the others take one of those choices away
+# ("ours-rule": the fixed GEMM_MAX_POSITIONS rule instead of the measurement), or add activation checkpointing.
+TRAIN_CANDIDATES = ["hf", "ours", "ours-rule", "ours-nchw", "ours-nogemm", "ours-ckpt"]
 NCHW_CANDIDATES = ("hf", "timm", "ours-nchw")
 
 
 def candidate_step(name: str, model: torch.nn.Module, forward: Callable, x: torch.Tensor, y: torch.Tensor,
                    precision: str) -> Step:
-    """The training step of candidate `name`, in its memory layout and with its GEMM setting."""
+    """The training step of candidate `name`, in its memory layout and with its kernel choices."""
     step = train_step(model, forward, x, y, precision, channels_last=name not in NCHW_CANDIDATES)
-    return without_gemm(step) if name == "ours-nogemm" else step
+    if name == "ours-nogemm":
+        return without_gemm(step)
+    if name in ("ours", "ours-ckpt"):
+        return with_training_kernels(step, model, x)
+    return step
 
 
 def train_candidates(cfg: Config, x: torch.Tensor, y: torch.Tensor) -> dict[str, Step]:

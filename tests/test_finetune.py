@@ -312,3 +312,31 @@ def test_val_and_test_folders_score_on_test_and_say_so(tmp_path, capsys):
 
     assert summary["loss"] == pytest.approx(loss_on("test"), rel=1e-4)
     assert abs(summary["loss"] - loss_on("val")) > 1e-3
+
+
+def test_a_resumed_run_keeps_its_measured_kernels_whatever_the_machine_says_later(folder, tmp_path, monkeypatch):
+    """Training picks each layer's kernel by timing (model.kernelcal); RUN/kernels.json keeps resuming exact."""
+    from bigtransfer.model import kernelcal
+
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path / "cache"))
+
+    def prefer(kernel: str) -> None:
+        monkeypatch.setattr(kernelcal, "wall_time", lambda fn, label: 1.0 if label[0] == kernel else 2.0)
+        kernelcal.cache_file(backward=True).unlink(missing_ok=True)
+
+    settings = dict(steps=4, batch=4, save_every=2, eval_every=4)
+    prefer("gemm")
+    straight = weights(Path(run_finetune(tiny(folder, tmp_path / "straight", **settings))["checkpoint"]))
+
+    def kill_at_3(done, record):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(tiny(folder, tmp_path / "killed", **settings), on_step=kill_at_3)
+    prefer("cl")  # the machine now measures oneDNN faster everywhere: a fresh run would choose other kernels
+    other = weights(Path(run_finetune(tiny(folder, tmp_path / "other", **settings))["checkpoint"]))
+    resumed = weights(Path(run_finetune(tiny(folder, tmp_path / "killed", **settings))["checkpoint"]))
+    assert any(not torch.equal(straight[k], other[k]) for k in straight)  # the kernels do change the rounding
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

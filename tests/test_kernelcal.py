@@ -162,3 +162,72 @@ def test_training_evaluations_never_depend_on_timings(monkeypatch):
     assert result["examples"] == 2
     assert not prepare_for_inference(model, calibrate=False).calibrate
     assert prepare_for_inference(model).calibrate  # the env var allows it, and nothing said otherwise
+
+
+# ---------------------------------------------------------------- training: forward + backward, kept by the run
+
+def test_measure_with_backward_times_forward_and_backward_of_each_candidate():
+    seen = []
+
+    def timer(fn, label):
+        fn()  # runs the candidate: forward and backward
+        seen.append(label)
+        return 1.0
+
+    assert kernelcal.measure(A, timer, backward=True) == {"nchw": 1.0, "cl": 1.0, "gemm": 1.0}
+    assert [c for c, _ in seen] == ["nchw", "cl", "gemm"]
+    assert kernelcal.cache_file(backward=True) != kernelcal.cache_file()  # forward-only times are another file
+
+
+def _train_step_gemm_calls(monkeypatch, kernels):
+    from bigtransfer.transfer.finetune import train_step
+
+    calls = []
+    real_gemm = gemmconv.gemm_conv2d
+    monkeypatch.setattr(gemmconv, "gemm_conv2d", lambda *a: calls.append(1) or real_gemm(*a))
+    torch.manual_seed(0)
+    model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+    train_step(model, opt, [(x, y)], batch=4, lr=0.1, kernels=kernels)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    calls.clear()
+    train_step(model, opt, [(x, y)], batch=4, lr=0.1, kernels=kernels)  # lr 0: the same weights, the same step
+    return len(calls), grads
+
+
+def test_training_steps_follow_the_forward_backward_measurement_and_the_run_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path / "cache"))
+    rule, rule_grads = _train_step_gemm_calls(monkeypatch, None)
+    assert rule > 0  # at 64 px R14x0.5's smaller maps go to the GEMM by the shape rule, the 16x16 3x3s do not
+    run = tmp_path / "kernels.json"
+    none, grads = _train_step_gemm_calls(monkeypatch, kernelcal.TrainingKernels(run, timer=_timer_preferring("cl")))
+    assert none == 0  # every layer measured slower as a GEMM: all on oneDNN, even where the rule said GEMM
+    for name, g in grads.items():  # the same gradients, another kernel (float32 rounding apart)
+        assert torch.allclose(g, rule_grads[name], rtol=1e-4, atol=1e-6), name
+    saved = json.loads(run.read_text())["plans"]
+    assert [p["input"] for p in saved] == [[4, 3, 64, 64]] and all(c[8] == 0 for c in saved[0]["convs"])
+    # Resumed (keep): the run's own choices, whatever the timer or the machine's cache now say.
+    never = lambda fn, label: pytest.fail("a resumed run measured again")  # noqa: E731
+    assert _train_step_gemm_calls(monkeypatch, kernelcal.TrainingKernels(run, timer=never))[0] == 0
+    # A new run in the folder (keep=False) measures afresh: the machine's cache answers now (all GEMM-able on GEMM).
+    kernelcal.cache_file(backward=True).unlink()
+    fresh = kernelcal.TrainingKernels(run, keep=False, timer=_timer_preferring("gemm"))
+    assert _train_step_gemm_calls(monkeypatch, fresh)[0] > rule  # every layer the GEMM computes, more than the rule
+    assert any(c[8] == 1 for c in json.loads(run.read_text())["plans"][0]["convs"])
+
+
+def test_training_kernels_stay_out_of_the_way_where_there_is_no_choice(tmp_path, monkeypatch):
+    never = lambda fn, label: pytest.fail("measured")  # noqa: E731
+    model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 32, 32)
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")
+    assert kernelcal.TrainingKernels(None, timer=never).choices(model, x) is None  # turned off
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    assert kernelcal.TrainingKernels(None, timer=never).choices(ResNetV2("R14x0.5", 3), x) is None  # NCHW
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernelcal.TrainingKernels(None, timer=never).choices(model, x) is None
+    (tmp_path / "kernels.json").write_text('{"plans": [{"input": [2, 3], "convs": [[1, 2]]}]}')
+    with pytest.raises(ValueError, match=r"kernels.json: not a kernel choice file of a run"):
+        kernelcal.TrainingKernels(tmp_path / "kernels.json")

@@ -45,6 +45,7 @@ from .runstate import load_run_state, save_run_state
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
+KERNELS_FILE = "kernels.json"  # the run's measured kernel choices (`model.kernelcal.TrainingKernels`)
 
 
 class RunDirError(UserError):
@@ -99,6 +100,7 @@ class RunDir:
         self.files = tuple(files)
         self.config_file = self.path / CONFIG_FILE
         self.state_file = self.path / STATE_FILE
+        self.kernels_file = self.path / KERNELS_FILE
 
     def lock(self, what: str = "run folder") -> contextlib.AbstractContextManager[Path]:
         """Own the folder for the `with` block (`core.runfolder.own_folder`): one process at a time writes it."""

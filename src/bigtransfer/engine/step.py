@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..model.gemmconv import kernel_choices
+from ..model.kernelcal import TrainingKernels
 from .device import autocast
 
 Batch = tuple[torch.Tensor, Any]
@@ -36,12 +38,14 @@ def accumulate_and_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer
                         scaler: torch.amp.GradScaler | None = None, divisor: int | None = None,
                         prepare: Callable[[int, torch.Tensor, Any], Batch] | None = None,
                         sync: Callable[[int], contextlib.AbstractContextManager] | None = None,
-                        clip_norm: float | None = None) -> list[tuple[torch.Tensor, int]]:
+                        clip_norm: float | None = None,
+                        kernels: TrainingKernels | None = None) -> list[tuple[torch.Tensor, int]]:
     """One update; returns each micro-batch's loss (as `loss_fn` gave it, detached) and its number of examples.
 
     `prepare(q, x, target)` may replace micro-batch q's input and target on the device before the forward pass;
     `sync(q)` is entered around micro-batch q's forward pass; the loss backpropagated is loss / `divisor` when one
-    is given; `clip_norm` clips the gradients' global norm (after unscaling them) before the update.
+    is given; `clip_norm` clips the gradients' global norm (after unscaling them) before the update; `kernels`
+    picks each convolution's kernel by measurement (`model.kernelcal.TrainingKernels`; none: the shape rule).
     """
     optimizer.zero_grad(set_to_none=True)
     losses = []
@@ -51,7 +55,9 @@ def accumulate_and_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer
         if prepare is not None:
             x, target = prepare(q, x, target)
         with sync(q) if sync is not None else contextlib.nullcontext(), autocast(device, precision):
-            loss = loss_fn(model(x), target)
+            choices = kernels.choices(model, x) if kernels is not None else None
+            with kernel_choices(choices, backward=True) if choices is not None else contextlib.nullcontext():
+                loss = loss_fn(model(x), target)
         backward = loss / divisor if divisor is not None else loss
         (scaler.scale(backward) if scaler is not None else backward).backward()
         losses.append((loss.detach(), int(x.shape[0])))

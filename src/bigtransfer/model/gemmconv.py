@@ -99,9 +99,11 @@ GEMM_MAX_POSITIONS: dict[tuple[int, int, bool], int] = {
 }
 
 
-# Per-shape choices measured on this machine (bigtransfer.model.kernelcal), in force inside kernel_choices();
-# context variables, so concurrent threads running different models don't see each other's choices.
+# Per-shape choices measured on this machine (bigtransfer.model.kernelcal), in force inside kernel_choices(): one
+# set for forward-only calls, one for calls a backward follows (training); context variables, so concurrent
+# threads running different models don't see each other's choices.
 _CHOICES: ContextVar[Mapping[ConvKey, bool] | None] = ContextVar("gemm_choices", default=None)
+_TRAIN_CHOICES: ContextVar[Mapping[ConvKey, bool] | None] = ContextVar("gemm_train_choices", default=None)
 _SEEN: ContextVar[list[ConvKey] | None] = ContextVar("seen_convs", default=None)
 
 
@@ -112,13 +114,15 @@ def conv_key(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -
 
 
 @contextlib.contextmanager
-def kernel_choices(choices: Mapping[ConvKey, bool]) -> Iterator[None]:
-    """Inside: a forward-only convolution whose shape is in `choices` runs as a GEMM exactly when it says True."""
-    token = _CHOICES.set(choices)
+def kernel_choices(choices: Mapping[ConvKey, bool], backward: bool = False) -> Iterator[None]:
+    """Inside: a forward-only convolution (with `backward`: one a backward follows) whose shape is in `choices`
+    runs as a GEMM exactly when it says True."""
+    var = _TRAIN_CHOICES if backward else _CHOICES
+    token = var.set(choices)
     try:
         yield
     finally:
-        _CHOICES.reset(token)
+        var.reset(token)
 
 
 @contextlib.contextmanager
@@ -145,14 +149,14 @@ def gemm_applies(x: torch.Tensor, weight: torch.Tensor, padding: int) -> bool:
 def prefers_gemm(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> bool:
     """Whether this convolution runs faster as a GEMM than as a oneDNN convolution here.
 
-    A forward-only call whose shape was calibrated (inside kernel_choices) follows the measurement; everything
-    else follows GEMM_MAX_POSITIONS, the deterministic rule.
+    A call whose shape was calibrated for its kind (forward-only, or with a backward; inside kernel_choices)
+    follows the measurement; everything else follows GEMM_MAX_POSITIONS, the deterministic rule.
     """
     if not gemm_applies(x, weight, padding):
         return False
     backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    choices = _CHOICES.get()
-    if choices is not None and not backward:
+    choices = (_TRAIN_CHOICES if backward else _CHOICES).get()
+    if choices is not None:
         choice = choices.get(conv_key(x, weight, stride, padding))
         if choice is not None:
             return choice

@@ -10,6 +10,12 @@ deterministic rule (GEMM_MAX_POSITIONS, channels-last).
 Never slower than plain F.conv2d on the same layout, by construction: a layer goes to the GEMM path only when its
 GEMM time was below its F.conv2d time on that layout, and a layout is chosen only when its total (each layer at
 its chosen kernel) is the lowest.
+
+Training (`TrainingKernels`, used by every training loop through `engine.step.accumulate_and_step`) does the same
+with forward + backward times, in a cache file of its own, on the layout the run trains in. Its choices are also
+written into the run folder (RUN/kernels.json) the first time each input shape is met, and read back when the run
+resumes: a resumed run runs every layer on the kernel the interrupted one used, whatever the cache holds by then,
+so resuming stays exact. Evaluations inside a run keep the deterministic rule.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.atomic import write_text
-from .gemmconv import ConvKey, gemm_applies, gemm_conv2d
+from .gemmconv import ConvKey, gemm_applies, gemm_conv2d, recording_convs
 
 ENV = "BIGTRANSFER_CALIBRATE"
 FORMAT = 1
@@ -58,21 +64,29 @@ def wall_time(fn: Callable[[], object], label: tuple[str, ConvKey], budget_s: fl
     return best
 
 
-def measure(key: ConvKey, timer: Timer | None = None) -> dict[str, float | None]:
-    """Seconds per call of this convolution shape with each candidate kernel (random fp32 data, forward only)."""
+def measure(key: ConvKey, timer: Timer | None = None, backward: bool = False) -> dict[str, float | None]:
+    """Seconds per call of this convolution shape with each candidate kernel (random fp32 data): forward only, or
+    with `backward` forward + backward (gradients of the input and the kernel)."""
     timer = timer or wall_time
     n, cin, h, w, cout, k, stride, pad = key
-    x = torch.randn(n, cin, h, w)
-    weight = torch.randn(cout, cin, k, k)
-    x_cl, w_cl = x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    x = torch.randn(n, cin, h, w, requires_grad=backward)
+    weight = torch.randn(cout, cin, k, k, requires_grad=backward)
+    x_cl, w_cl = (t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(backward) for t in (x, weight))
+    out = (n, cout, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1)
+    grad_cl = torch.randn(out).contiguous(memory_format=torch.channels_last)
+    grad = grad_cl.contiguous()
+
+    def call(conv: Callable[[], torch.Tensor], g: torch.Tensor) -> Callable[[], object]:
+        return (lambda: conv().backward(g)) if backward else conv
+
+    with torch.set_grad_enabled(backward):
         times: dict[str, float | None] = {
-            "nchw": timer(lambda: F.conv2d(x, weight, None, stride, pad), ("nchw", key)),
-            "cl": timer(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), ("cl", key)),
+            "nchw": timer(call(lambda: F.conv2d(x, weight, None, stride, pad), grad), ("nchw", key)),
+            "cl": timer(call(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), grad_cl), ("cl", key)),
             "gemm": None,
         }
         if gemm_applies(x_cl, w_cl, pad):
-            times["gemm"] = timer(lambda: gemm_conv2d(x_cl, w_cl, stride, pad), ("gemm", key))
+            times["gemm"] = timer(call(lambda: gemm_conv2d(x_cl, w_cl, stride, pad), grad_cl), ("gemm", key))
     return times
 
 
@@ -122,13 +136,14 @@ def machine() -> dict[str, str | int]:
     return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def cache_file(info: Mapping[str, str | int] | None = None) -> Path:
-    """The cache file for this machine, under the download cache ($BIGTRANSFER_CACHE or ~/.cache/bigtransfer)."""
+def cache_file(info: Mapping[str, str | int] | None = None, backward: bool = False) -> Path:
+    """The cache file for this machine (forward-only or forward + backward times), under the download cache
+    ($BIGTRANSFER_CACHE or ~/.cache/bigtransfer)."""
     # Imported here: downloads pulls in tqdm and the registry, which the inference path otherwise doesn't need.
     from .downloads import cache_dir
 
     digest = hashlib.sha256(json.dumps(info or machine(), sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"conv-{digest}.json"
+    return cache_dir() / "kernels" / f"conv-{'train-' if backward else ''}{digest}.json"
 
 
 def _parse_times(doc: object, info: Mapping[str, str | int]) -> Times:
@@ -177,16 +192,65 @@ def save(path: Path, info: Mapping[str, str | int], times: Times) -> None:
         warnings.warn(f"{path}: cannot write the kernel calibration cache ({e})", stacklevel=2)
 
 
-def plan(keys: Iterable[ConvKey], layouts: Iterable[bool] = (True, False), timer: Timer | None = None) -> Plan:
-    """The plan for one forward pass that runs the convolutions `keys` (with repeats): cached times, the missing
-    shapes measured now and added to the cache."""
+def plan(keys: Iterable[ConvKey], layouts: Iterable[bool] = (True, False), timer: Timer | None = None,
+         backward: bool = False) -> Plan:
+    """The plan for one forward pass (with `backward`: forward + backward) that runs the convolutions `keys` (with
+    repeats): cached times, the missing shapes measured now and added to the cache."""
     counts = Counter(keys)
     info = machine()
-    path = cache_file(info)
+    path = cache_file(info, backward)
     times = load(path, info)
     missing = [key for key in counts if key not in times]
     for key in missing:
-        times[key] = measure(key, timer)
+        times[key] = measure(key, timer, backward)
     if missing:
         save(path, info, times)
     return choose(counts, times, tuple(layouts))
+
+
+class TrainingKernels:
+    """The calibrated kernel of each convolution of a training run, per input shape, kept in RUN/kernels.json.
+
+    `choices(model, x)`, before micro-batch `x`'s forward pass: for a new input shape, one forward pass without
+    gradients records the model's convolutions, `plan(..., backward=True)` chooses between oneDNN and the GEMM
+    for each, and the choices are saved; a shape the run folder already records (a resumed run) reuses them. None
+    where there is nothing to choose: not fp32 channels-last on a CPU (the model's first kernel tells), autocast.
+    """
+
+    def __init__(self, path: Path | None, keep: bool = True, timer: Timer | None = None) -> None:
+        """`path`: the run's kernels.json (None: nothing saved); `keep`: reuse its choices (a resumed run)."""
+        self.path, self.timer = path, timer
+        self.plans: dict[tuple[int, ...], dict[ConvKey, bool]] = self._read() if path is not None and keep else {}
+
+    def _read(self) -> dict[tuple[int, ...], dict[ConvKey, bool]]:
+        assert self.path is not None
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            return {tuple(int(v) for v in entry["input"]): {tuple(int(v) for v in k[:8]): bool(k[8])  # type: ignore[misc]
+                                                            for k in entry["convs"]} for entry in doc["plans"]}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"{self.path}: not a kernel choice file of a run ({e}); delete it to choose again") from None
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        doc = {"plans": [{"input": list(shape), "convs": [[*key, int(gemm)] for key, gemm in sorted(plan.items())]}
+                         for shape, plan in sorted(self.plans.items())]}
+        write_text(self.path, json.dumps(doc))
+
+    def choices(self, model: torch.nn.Module, x: torch.Tensor) -> dict[ConvKey, bool] | None:
+        kernel = next((p for p in model.parameters() if p.dim() == 4), None)
+        # The GEMM path runs fp32 channels-last maps on a CPU only; elsewhere every layer stays with F.conv2d.
+        if (kernel is None or x.device.type != "cpu" or kernel.dtype != torch.float32 or kernel.is_contiguous()
+                or not kernel.is_contiguous(memory_format=torch.channels_last)
+                or torch.is_autocast_enabled("cpu") or not enabled()):
+            return None
+        shape = tuple(x.shape)
+        if shape not in self.plans:
+            with torch.no_grad(), recording_convs() as seen:
+                model(x)
+            self.plans[shape] = plan(seen, (True,), self.timer, backward=True).gemm
+            self._write()
+        return self.plans[shape]

@@ -48,11 +48,12 @@ from ..engine.device import autocast, describe, grad_scaler, pick_device, sgd, t
 from ..engine.metrics import to_json
 from ..engine.plots import RUN_PLOTS, chance_levels, write_plots
 from ..engine.progress import Progress
-from ..engine.rundir import RunDir
+from ..engine.rundir import KERNELS_FILE, RunDir
 from ..engine.schedule import cosine_lr, piecewise_lr
 from ..engine.step import accumulate_and_step
 from ..model.checkpoints import save_checkpoint, weights_digest
 from ..model.factory import create_model
+from ..model.kernelcal import TrainingKernels
 from ..model.memory import check_training
 from ..model.preprocess import data_config
 from ..model.registry import resolve
@@ -70,7 +71,7 @@ from .finetune import (
 )
 
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "state.pt", "summary.json", "checkpoint.safetensors",
-             *RUN_PLOTS)
+             KERNELS_FILE, *RUN_PLOTS)
 STEP_DECAYS = (0.3, 0.6, 0.9)  # BiT's step schedule: x0.1 at these fractions of the run
 UNLABELLED = -1  # the label of an image from a folder without class sub-folders
 
@@ -112,7 +113,7 @@ def distill_step(student: torch.nn.Module, teacher: torch.nn.Module, optimizer: 
                  micro_batches: Iterable[tuple[Any, torch.Tensor]], *, batch: int, lr: float, lam: float = 1.0,
                  seed: int = 0, step: int = 0, temperature: float = 1.0, clip_norm: float | None = None,
                  device: torch.device | None = None, precision: str = "fp32",
-                 scaler: torch.amp.GradScaler | None = None) -> float:
+                 scaler: torch.amp.GradScaler | None = None, kernels: TrainingKernels | None = None) -> float:
     """One update over the micro-batches of a global batch (views, labels); returns the mean KL loss.
 
     The labels are not used. Each micro-batch's views are the student's tensor, or (student's, teacher's) when the
@@ -138,7 +139,7 @@ def distill_step(student: torch.nn.Module, teacher: torch.nn.Module, optimizer: 
         return distill_loss(student_logits, teacher_logits, temperature, reduction="sum") / batch
 
     losses = accumulate_and_step(student, optimizer, views(), loss_fn, device=device, precision=precision, lr=lr,
-                                 scaler=scaler, prepare=teach, clip_norm=clip_norm)
+                                 scaler=scaler, prepare=teach, clip_norm=clip_norm, kernels=kernels)
     seen = sum(n for _, n in losses)
     if seen != batch:
         raise RuntimeError(f"step {step}: the micro-batches held {seen} examples, expected {batch}")
@@ -324,6 +325,7 @@ class _Distillation(_Training):
         self.eval_loader = (make_loader(ImageDataset(self.data.eval, eval_transform(c.resolution)),
                                         c.eval_batch or self.micro, shuffle=False, workers=c.workers)
                             if self.data.eval else None)
+        self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume)
         self.open_log(resume)
 
     def update(self, step: int, micro_batches: Iterable[Any]) -> tuple[float, float, dict[str, Any]]:
@@ -331,7 +333,7 @@ class _Distillation(_Training):
         lr, lam = lr_at(c, step), mixup_lambda(c.mixup_alpha, c.seed, step)
         loss = distill_step(self.model, self.teacher, self.optimizer, micro_batches, batch=c.batch, lr=lr, lam=lam,
                             seed=c.seed, step=step, temperature=c.temperature, clip_norm=c.clip_norm,
-                            device=self.device, precision=c.precision, scaler=self.scaler)
+                            device=self.device, precision=c.precision, scaler=self.scaler, kernels=self.kernels)
         return loss, lr, {"mixup_lambda": lam}
 
     def run_eval(self, done: int, log: bool = True) -> dict[str, Any] | None:

@@ -51,10 +51,11 @@ from ..engine.device import describe, grad_scaler, pick_device, sgd, training_la
 from ..engine.metrics import Evaluation, MetricsLog, read_jsonl, to_json
 from ..engine.plots import RUN_PLOTS, chance_levels, write_plots
 from ..engine.progress import Progress
-from ..engine.rundir import RunDir, RunDirError, must_match
+from ..engine.rundir import KERNELS_FILE, RunDir, RunDirError, must_match
 from ..engine.step import accumulate_and_step, evaluation_pass
 from ..model.checkpoints import save_checkpoint
 from ..model.factory import create_model
+from ..model.kernelcal import TrainingKernels
 from ..model.memory import check_training
 from ..model.preprocess import data_config
 from ..model.registry import resolve
@@ -64,7 +65,7 @@ from .hyperrule import make_plan
 
 # Files a run writes; --overwrite removes exactly these.
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "state.pt", "summary.json", "checkpoint.safetensors",
-             *RUN_PLOTS)
+             KERNELS_FILE, *RUN_PLOTS)
 MOMENTUM = 0.9
 ESTIMATE_AFTER = 3  # steps timed (after the first, which pays one-off costs) before the wall-time estimate is printed
 HOURS = 3600.0  # an estimate from this many seconds on comes with a warning
@@ -102,7 +103,7 @@ def mixup_loss(logits: torch.Tensor, labels: torch.Tensor, partner_labels: torch
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[tuple[torch.Tensor,
                torch.Tensor]], *, batch: int, lr: float, lam: float = 1.0, seed: int = 0, step: int = 0,
                device: torch.device | None = None, precision: str = "fp32",
-               scaler: torch.amp.GradScaler | None = None) -> float:
+               scaler: torch.amp.GradScaler | None = None, kernels: TrainingKernels | None = None) -> float:
     """One optimizer update over the micro-batches of a global batch of `batch` examples; returns the mean loss."""
 
     def mix(q: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -116,7 +117,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
         return mixup_loss(logits.float(), *target, lam, reduction="sum") / batch
 
     losses = accumulate_and_step(model, optimizer, micro_batches, loss_fn, device=device or torch.device("cpu"),
-                                 precision=precision, lr=lr, scaler=scaler, prepare=mix)
+                                 precision=precision, lr=lr, scaler=scaler, prepare=mix, kernels=kernels)
     seen = sum(n for _, n in losses)
     if seen != batch:
         raise RuntimeError(f"step {step}: the micro-batches held {seen} examples, expected {batch}")
@@ -371,6 +372,7 @@ class _Training:
         self.train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers,
                                         start_step=self.start, steps=plan.end, batch_split=c.batch_split)
         self.eval_loader = make_loader(eval_ds, c.eval_batch or self.micro, shuffle=False, workers=c.workers)
+        self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume)
         self.open_log(resume)
 
     def open_log(self, resume: bool) -> None:
@@ -433,7 +435,8 @@ class _Training:
         c, plan = self.c, self.plan
         lr, lam = plan.lr(step), mixup_lambda(plan.mixup_alpha, c.seed, step)
         loss = train_step(self.model, self.optimizer, micro_batches, batch=c.batch, lr=lr, lam=lam, seed=c.seed,
-                          step=step, device=self.device, precision=c.precision, scaler=self.scaler)
+                          step=step, device=self.device, precision=c.precision, scaler=self.scaler,
+                          kernels=self.kernels)
         return loss, lr, ({"mixup_lambda": lam} if lam < 1.0 else {})
 
     def train(self, progress: Progress, stop: StopOnSignal,

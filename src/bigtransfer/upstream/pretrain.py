@@ -60,6 +60,7 @@ from ..engine.schedule import idle_warning, piecewise_lr
 from ..engine.step import accumulate_and_step, evaluation_pass
 from ..model.checkpoints import load_state, save_checkpoint
 from ..model.factory import create_model
+from ..model.kernelcal import TrainingKernels
 from ..model.memory import check_training
 from ..model.preprocess import data_config
 from ..model.registry import resolve
@@ -399,6 +400,7 @@ class _Pretraining:
                              fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
         self.start, self.extra = 0, {}
         self.train_time, self.timed_steps, self.last_eval = 0.0, 0, {}
+        self.kernels = TrainingKernels(None)  # open() gives it the run folder's file once it knows about a resume
 
     def resume(self) -> None:
         """Load RUN/state.pt on rank 0 after checking it belongs to this run; every rank gets its weights."""
@@ -425,6 +427,8 @@ class _Pretraining:
     def open(self) -> None:
         """config.json, the log, what the log held before the start update, and the batches from there on."""
         config, env, plan, out, start = self.config, self.env, self.plan, self.out, self.start
+        # Rank 0 keeps the run's kernel choices; every other rank chooses by the machine's cached times alone.
+        self.kernels = TrainingKernels(self.rundir.kernels_file if env.is_main else None, keep=start > 0)
         if env.is_main:
             self.rundir.write_config({**asdict(config), "plan": asdict(plan)})
         self.logger = (MetricsLog(out, keep_until_step=start if start else None, tensorboard=config.tensorboard)
@@ -449,7 +453,7 @@ class _Pretraining:
         losses = accumulate_and_step(
             net, self.optimizer, micro_batches, lambda logits, y: pretrain_loss(logits, y, config.loss),
             device=env.device, precision=config.precision, lr=lr, divisor=config.batch_split,
-            sync=lambda q: _gradient_sync(net, config, last=q == config.batch_split - 1))
+            sync=lambda q: _gradient_sync(net, config, last=q == config.batch_split - 1), kernels=self.kernels)
         for loss, n in losses:
             self.local += torch.stack([loss.double().cpu() * n, torch.tensor(float(n))])
         if env.device.type == "cuda":
