@@ -70,3 +70,6 @@ def test_an_existing_output_or_no_font_is_refused_and_nothing_is_left(corpus, tm
     with pytest.raises(SystemExit, match="no usable font file"):
         add_glyph_views.main([str(src), str(tmp_path / "x"), "--fonts", str(tmp_path / "none")])
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+    assert cli(["pack", str(tmp_path / "corpus"), str(tmp_path / "small"), "--size", "32"]) == 0
+    with pytest.raises(SystemExit, match=r"small/train: holds 32x32 images; the views are 64x64"):
+        add_glyph_views.main([str(tmp_path / "small"), str(tmp_path / "x"), "--fonts", str(fonts)])

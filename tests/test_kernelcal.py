@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from bigtransfer.core.errors import UserError
 from bigtransfer.deploy.inference_model import prepare_for_inference
 from bigtransfer.model import gemmconv, kernelcal
 from bigtransfer.model.resnetv2 import ResNetV2
@@ -202,7 +203,8 @@ def test_training_steps_follow_the_forward_backward_measurement_and_the_run_keep
     rule, rule_grads = _train_step_gemm_calls(monkeypatch, None)
     assert rule > 0  # at 64 px R14x0.5's smaller maps go to the GEMM by the shape rule, the 16x16 3x3s do not
     run = tmp_path / "kernels.json"
-    none, grads = _train_step_gemm_calls(monkeypatch, kernelcal.TrainingKernels(run, timer=_timer_preferring("cl")))
+    none, grads = _train_step_gemm_calls(monkeypatch, kernelcal.TrainingKernels(run, keep=False,
+                                                                                   timer=_timer_preferring("cl")))
     assert none == 0  # every layer measured slower as a GEMM: all on oneDNN, even where the rule said GEMM
     for name, g in grads.items():  # the same gradients, another kernel (float32 rounding apart)
         assert torch.allclose(g, rule_grads[name], rtol=1e-4, atol=1e-6), name
@@ -228,6 +230,22 @@ def test_training_kernels_stay_out_of_the_way_where_there_is_no_choice(tmp_path,
     assert kernelcal.TrainingKernels(None, timer=never).choices(ResNetV2("R14x0.5", 3), x) is None  # NCHW
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert kernelcal.TrainingKernels(None, timer=never).choices(model, x) is None
-    (tmp_path / "kernels.json").write_text('{"plans": [{"input": [2, 3], "convs": [[1, 2]]}]}')
-    with pytest.raises(ValueError, match=r"kernels.json: not a kernel choice file of a run"):
-        kernelcal.TrainingKernels(tmp_path / "kernels.json")
+    for bad in ('{"plans": [{"input": [2, 3], "convs": [[1, 2]]}]}', "{not json",
+                '{"plans": [{"input": [2, 3, 8, 8], "convs": [[2, 8, 4, 4, 16, 1, 1, 0, "no"]]}]}',
+                '{"plans": [{"input": [2, 3, 8, 8], "convs": [[2, 8, 4, 4, 16, 1, 1, 0, 2]]}]}'):
+        (tmp_path / "kernels.json").write_text(bad)
+        with pytest.raises(UserError, match=r"kernels.json: not a kernel choice file of a run"):
+            kernelcal.TrainingKernels(tmp_path / "kernels.json")
+
+
+def test_a_resumed_run_follows_its_file_not_the_environment(tmp_path, monkeypatch):
+    never = lambda fn, label: pytest.fail("measured")  # noqa: E731
+    model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last)
+    x, run = torch.rand(2, 3, 32, 32), tmp_path / "kernels.json"
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")  # a run started with measuring off records the rule
+    assert kernelcal.TrainingKernels(run, keep=False, timer=never).choices(model, x) is None
+    assert json.loads(run.read_text()) == {"plans": [{"input": [2, 3, 32, 32], "convs": None}]}
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")  # resumed with measuring on: still the rule, as it trained
+    assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None
+    run.unlink()  # a run saved before kernels.json existed trained by the rule: it keeps it
+    assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None

@@ -490,6 +490,9 @@ def test_init_from_refuses_another_architecture_and_unknown_sources(pretrained_r
     assert "R14x0.5" in capsys.readouterr().err
     assert main([*common, "--model", "R14x0.5", "--init-from", "no-such-model", "--out", str(tmp_path / "b")]) != 0
     assert "--init-from no-such-model: no such file, and not a model name" in capsys.readouterr().err
+    # A named model of another architecture is refused from its name, before anything could be downloaded.
+    assert main([*common, "--model", "R50x1", "--init-from", "BiT-M-R50x3", "--out", str(tmp_path / "b")]) != 0
+    assert "--init-from BiT-M-R50x3 is an R50x3, but --model R50x1 is an R50x1" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
 
@@ -500,10 +503,12 @@ def test_a_run_from_init_from_resumes_exactly(pretrained_run, tmp_path, one_thre
     from bigtransfer.upstream.pretrain import run_pretrain
 
     config, _ = pretrained_run
-    go = replace(config, init_from=str(Path(config.out) / "checkpoint.safetensors"), steps=3, warmup_steps=1,
-                 eval_every=3)
+    source = tmp_path / "source.safetensors"
+    source.write_bytes((Path(config.out) / "checkpoint.safetensors").read_bytes())
+    go = replace(config, init_from=str(source), steps=3, warmup_steps=1, eval_every=3)
     unbroken = run_pretrain(replace(go, out=str(tmp_path / "unbroken")), progress=False)
     run_pretrain(replace(go, out=str(tmp_path / "broken"), stop_after=1), progress=False)
+    source.unlink()  # the resumed run needs its state and config.json only, not the source any more
     resumed = run_pretrain(replace(go, out=str(tmp_path / "broken")), progress=False)
     assert resumed["resumed_from"] == 1 and resumed["final_loss"] == unbroken["final_loss"]
     a, _ = read_checkpoint(tmp_path / "unbroken" / "checkpoint.safetensors")

@@ -174,8 +174,8 @@ def write_packed(src: Path, dst: Path, images: list[np.ndarray], targets: list[l
         source = np.load(src / "train" / "images.npy", mmap_mode="r")
         for s in range(0, keep, 20000):
             out[s:min(keep, s + 20000)] = source[s:min(keep, s + 20000)]
-        if images:
-            out[keep:] = np.stack(images)
+        for i, view in enumerate(images):  # one by one: a stacked copy would double the memory held
+            out[keep + i] = view
         out.flush()
         del out
         offsets = np.load(src / "train" / "label_offsets.npy")[:keep + 1]
@@ -209,10 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dst.exists() and not args.preview:
         raise SystemExit(f"{args.dst}: already exists; choose another output folder or delete it")
     try:
-        classes = open_packed(args.src / "train").classes
+        packed = open_packed(args.src / "train")
         labels = glyph_labels(args.src / "train", args.labels == "identity")
     except PackedError as e:
         raise SystemExit(str(e)) from None
+    classes = packed.classes
+    if packed.images.shape[1:] != (SIZE, SIZE, 3):
+        raise SystemExit(f"{args.src / 'train'}: holds {packed.images.shape[1]}x{packed.images.shape[2]} images; the "
+                         f"views are {SIZE}x{SIZE} (pack the corpus with 'bigtransfer pack --size {SIZE}')")
     fonts = load_fonts(args.fonts, args.family)
     images, targets = new_views(classes, labels, fonts, args.views, args.ascii_extra, args.seed,
                                 limit=48 if args.preview else None)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.atomic import write_text
+from ..core.errors import UserError
 from .gemmconv import ConvKey, gemm_applies, gemm_conv2d, recording_convs
 
 ENV = "BIGTRANSFER_CALIBRATE"
@@ -76,17 +77,19 @@ def measure(key: ConvKey, timer: Timer | None = None, backward: bool = False) ->
     grad_cl = torch.randn(out).contiguous(memory_format=torch.channels_last)
     grad = grad_cl.contiguous()
 
-    def call(conv: Callable[[], torch.Tensor], g: torch.Tensor) -> Callable[[], object]:
-        return (lambda: conv().backward(g)) if backward else conv
+    def call(conv: Callable[[], torch.Tensor], g: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
+        # autograd.grad, not .backward(): no gradient is added into .grad, which a training step does not time.
+        return (lambda: torch.autograd.grad(conv(), inputs, g)) if backward else conv
 
     with torch.set_grad_enabled(backward):
         times: dict[str, float | None] = {
-            "nchw": timer(call(lambda: F.conv2d(x, weight, None, stride, pad), grad), ("nchw", key)),
-            "cl": timer(call(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), grad_cl), ("cl", key)),
+            "nchw": timer(call(lambda: F.conv2d(x, weight, None, stride, pad), grad, (x, weight)), ("nchw", key)),
+            "cl": timer(call(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), grad_cl, (x_cl, w_cl)), ("cl", key)),
             "gemm": None,
         }
         if gemm_applies(x_cl, w_cl, pad):
-            times["gemm"] = timer(call(lambda: gemm_conv2d(x_cl, w_cl, stride, pad), grad_cl), ("gemm", key))
+            times["gemm"] = timer(call(lambda: gemm_conv2d(x_cl, w_cl, stride, pad), grad_cl, (x_cl, w_cl)),
+                                  ("gemm", key))
     return times
 
 
@@ -213,44 +216,67 @@ class TrainingKernels:
 
     `choices(model, x)`, before micro-batch `x`'s forward pass: for a new input shape, one forward pass without
     gradients records the model's convolutions, `plan(..., backward=True)` chooses between oneDNN and the GEMM
-    for each, and the choices are saved; a shape the run folder already records (a resumed run) reuses them. None
-    where there is nothing to choose: not fp32 channels-last on a CPU (the model's first kernel tells), autocast.
+    for each, and the choices are saved. None (the shape rule) where there is nothing to choose (not fp32
+    channels-last on a CPU: the model's first kernel tells; autocast) or where measuring is off (`measure` False,
+    or BIGTRANSFER_CALIBRATE=0 when the run started); that is saved too. A resumed run (`keep`) follows the file,
+    whatever the environment says now, and a run saved before the file existed keeps the shape rule.
     """
 
-    def __init__(self, path: Path | None, keep: bool = True, timer: Timer | None = None) -> None:
+    def __init__(self, path: Path | None, keep: bool = True, timer: Timer | None = None, measure: bool = True) -> None:
         """`path`: the run's kernels.json (None: nothing saved); `keep`: reuse its choices (a resumed run)."""
         self.path, self.timer = path, timer
-        self.plans: dict[tuple[int, ...], dict[ConvKey, bool]] = self._read() if path is not None and keep else {}
+        self.measure = measure and enabled()
+        self.plans: dict[tuple[int, ...], dict[ConvKey, bool] | None] = {}
+        if path is not None and keep:
+            if path.exists():
+                self.plans, self.measure = self._read(), False
+            else:  # a state saved by a version that always trained by the shape rule
+                self.measure = False
 
-    def _read(self) -> dict[tuple[int, ...], dict[ConvKey, bool]]:
+    def _read(self) -> dict[tuple[int, ...], dict[ConvKey, bool] | None]:
         assert self.path is not None
+
+        def ints(v: object, n: int) -> list[int]:
+            if not isinstance(v, list) or len(v) != n or not all(type(i) is int and i >= 0 for i in v):
+                raise ValueError(f"expected {n} integers >= 0, got {v!r}")
+            return v
+
+        def entry(e: dict) -> tuple[tuple[int, ...], dict[ConvKey, bool] | None]:
+            convs = e["convs"]
+            if convs is None:
+                return tuple(ints(e["input"], 4)), None
+            rows = [ints(c, 9) for c in convs]
+            if any(r[8] > 1 for r in rows):
+                raise ValueError("a choice is not 0 or 1")
+            return tuple(ints(e["input"], 4)), {tuple(r[:8]): bool(r[8]) for r in rows}  # type: ignore[misc]
+
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            return {tuple(int(v) for v in entry["input"]): {tuple(int(v) for v in k[:8]): bool(k[8])  # type: ignore[misc]
-                                                            for k in entry["convs"]} for entry in doc["plans"]}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"{self.path}: not a kernel choice file of a run ({e}); delete it to choose again") from None
+            return dict(entry(e) for e in json.loads(self.path.read_text(encoding="utf-8"))["plans"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.path}: not a kernel choice file of a run ({e}); delete it to resume with the "
+                            "kernels measured now (the resumed run then differs by float rounding)") from None
 
     def _write(self) -> None:
         if self.path is None:
             return
-        doc = {"plans": [{"input": list(shape), "convs": [[*key, int(gemm)] for key, gemm in sorted(plan.items())]}
+        doc = {"plans": [{"input": list(shape), "convs": None if plan is None else
+                          [[*key, int(gemm)] for key, gemm in sorted(plan.items())]}
                          for shape, plan in sorted(self.plans.items())]}
         write_text(self.path, json.dumps(doc))
 
     def choices(self, model: torch.nn.Module, x: torch.Tensor) -> dict[ConvKey, bool] | None:
+        shape = tuple(x.shape)
+        if shape not in self.plans:
+            self.plans[shape] = self._measure(model, x) if self.measure else None
+            self._write()
+        return self.plans[shape]
+
+    def _measure(self, model: torch.nn.Module, x: torch.Tensor) -> dict[ConvKey, bool] | None:
         kernel = next((p for p in model.parameters() if p.dim() == 4), None)
         # The GEMM path runs fp32 channels-last maps on a CPU only; elsewhere every layer stays with F.conv2d.
         if (kernel is None or x.device.type != "cpu" or kernel.dtype != torch.float32 or kernel.is_contiguous()
-                or not kernel.is_contiguous(memory_format=torch.channels_last)
-                or torch.is_autocast_enabled("cpu") or not enabled()):
+                or not kernel.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled("cpu")):
             return None
-        shape = tuple(x.shape)
-        if shape not in self.plans:
-            with torch.no_grad(), recording_convs() as seen:
-                model(x)
-            self.plans[shape] = plan(seen, (True,), self.timer, backward=True).gemm
-            self._write()
-        return self.plans[shape]
+        with torch.no_grad(), recording_convs() as seen:
+            model(x)
+        return plan(seen, (True,), self.timer, backward=True).gemm

@@ -152,14 +152,20 @@ class PretrainConfig:
         # The registry loads torch: imported when a run starts, not when the command line builds its options.
         from ..model.registry import resolve
 
-        resolve(self.model)  # raises a ValueError listing the known names
-        if self.init_from is not None and not Path(self.init_from).expanduser().is_file():
+        arch = resolve(self.model).arch  # raises a ValueError listing the known names
+        # A run that saved its state resumes without its source (engine.rundir's STATE_FILE; named here, where
+        # torch is not imported).
+        starting = not (Path(self.out).expanduser() / "state.pt").is_file()
+        if self.init_from is not None and starting and not Path(self.init_from).expanduser().is_file():
             try:
                 named = resolve(self.init_from)
             except ValueError:
                 raise UserError(f"--init-from {self.init_from}: no such file, and not a model name") from None
             if not named.has_weights:
                 raise UserError(f"--init-from {self.init_from}: that model has no weights to start from")
+            if named.arch != arch:  # before anything is downloaded
+                raise UserError(f"--init-from {self.init_from} is an {named.arch.name}, but --model {self.model} is "
+                                f"an {arch.name}")
         if self.tensorboard:
             from ..engine.metrics import require_tensorboard  # loads torch, as the registry above does
 

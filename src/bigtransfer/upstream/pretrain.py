@@ -35,6 +35,7 @@ function of (seed, step) only.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -175,17 +176,22 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
 
 
-def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.DistEnv,
-                  say: Callable[[str], None]) -> ResNetV2:
+def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.DistEnv, say: Callable[[str], None],
+                  resumed: dict[str, Any] | None = None) -> ResNetV2:
     """The model a run starts from: random weights, or --init-from's with its head kept when its labels are `classes`.
 
-    Loaded again when a run resumes (the saved state then replaces the weights), so that its ws_eps and padding,
-    which the state does not hold, stay the checkpoint's.
+    `resumed`: the "weights" record of the run's config.json when it resumes (the saved state then replaces the
+    weights): an --init-from run is rebuilt with the ws_eps and padding it started with, without the source file.
     """
     # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
     # fork_rng leaves the caller's global generator as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        if config.init_from is not None and resumed is not None:
+            model = ResNetV2(resolve(config.model).arch, len(classes), ws_eps=float(resumed["ws_eps"]),
+                             padding=str(resumed["padding"]))
+            model.labels = list(classes)
+            return model
         if config.init_from is None:
             model = create_model(config.model, num_classes=len(classes), pretrained=False)
         else:
@@ -315,8 +321,10 @@ def _run(config: PretrainConfig, rundir: RunDir, env: dist_utils.DistEnv, progre
     # Only rank 0 shows anything; messages go to standard error, as dist_utils.log's do.
     show = Progress(("bar" if progress else "messages") if env.is_main else "nothing", desc="pre-training",
                     unit="update", stream=sys.stderr)
-    run = _Pretraining(config, rundir, env, data, plan, show.say)
-    if dist_utils.broadcast_object(rundir.has_state()):  # rank 0's view of the (shared) run folder decides
+    resuming = dist_utils.broadcast_object(rundir.has_state())  # rank 0's view of the (shared) run folder decides
+    record = dist_utils.broadcast_object(_weights_record(rundir) if resuming and env.is_main else None)
+    run = _Pretraining(config, rundir, env, data, plan, show.say, record)
+    if resuming:
         run.resume()
     run.open()
     run.net.train()
@@ -354,6 +362,16 @@ def _run(config: PretrainConfig, rundir: RunDir, env: dist_utils.DistEnv, progre
             run.logger.close()
 
 
+def _weights_record(rundir: RunDir) -> dict[str, Any] | None:
+    """The "weights" record (ws_eps, padding) of a run's config.json; None when it has none or cannot be read."""
+    try:
+        record = json.loads(rundir.config_file.read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("ws_eps"), float) and isinstance(record.get("padding"), str)
+    return record if ok else None
+
+
 def _data_and_plan(config: PretrainConfig, env: dist_utils.DistEnv) -> tuple[PretrainConfig, Any, Plan]:
     """The data, the config with its loss resolved, and the plan, refused early when they cannot run here."""
     log = dist_utils.log
@@ -381,13 +399,13 @@ class _Pretraining:
     """A pre-training run from its model to its checkpoint, on every process: state, log, updates, evaluations."""
 
     def __init__(self, config: PretrainConfig, rundir: RunDir, env: dist_utils.DistEnv, data: Any, plan: Plan,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], resumed: dict[str, Any] | None = None) -> None:
         self.config, self.rundir, self.env, self.data, self.plan, self.say = config, rundir, env, data, plan, say
         self.out = rundir.path
         self.state_path = rundir.state_file
         self.micro = plan.batch // env.world_size // config.batch_split
         self.metric_name = "precision@1" if data.multi_label else "top-1"
-        model = initial_model(config, list(data.classes), env, say)
+        model = initial_model(config, list(data.classes), env, say, resumed)
         self.arch, self.ws_eps, self.padding = model.arch, model.ws_eps, model.padding
         model.set_grad_checkpointing(config.grad_checkpointing)  # the same mechanism as fine-tuning's
         model.to(env.device, memory_format=training_layout(env.device, config.channels_last and not config.fsdp))
@@ -400,7 +418,7 @@ class _Pretraining:
                              fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
         self.start, self.extra = 0, {}
         self.train_time, self.timed_steps, self.last_eval = 0.0, 0, {}
-        self.kernels = TrainingKernels(None)  # open() gives it the run folder's file once it knows about a resume
+        self.kernels = TrainingKernels(None, measure=False)  # open() gives rank 0 the run folder's file
 
     def resume(self) -> None:
         """Load RUN/state.pt on rank 0 after checking it belongs to this run; every rank gets its weights."""
@@ -427,10 +445,16 @@ class _Pretraining:
     def open(self) -> None:
         """config.json, the log, what the log held before the start update, and the batches from there on."""
         config, env, plan, out, start = self.config, self.env, self.plan, self.out, self.start
-        # Rank 0 keeps the run's kernel choices; every other rank chooses by the machine's cached times alone.
-        self.kernels = TrainingKernels(self.rundir.kernels_file if env.is_main else None, keep=start > 0)
+        # Measured kernels for one process only: ranks measuring apart could choose apart, and a resumed rank could
+        # choose otherwise than before. Rank 0 keeps the choices (the rule's, for several) in the run folder.
+        def open_kernels() -> None:
+            self.kernels = TrainingKernels(self.rundir.kernels_file, keep=start > 0, measure=env.world_size == 1)
+
+        self.kernels = TrainingKernels(None, measure=False)  # the other ranks: the shape rule
+        _main_first(env, open_kernels)  # a damaged kernels.json stops every rank
         if env.is_main:
-            self.rundir.write_config({**asdict(config), "plan": asdict(plan)})
+            self.rundir.write_config({**asdict(config), "plan": asdict(plan),
+                                      "weights": {"ws_eps": self.ws_eps, "padding": self.padding}})
         self.logger = (MetricsLog(out, keep_until_step=start if start else None, tensorboard=config.tensorboard)
                        if env.is_main else None)
         self.first_loss, self.last_loss, self.logged_eval = None, None, None
