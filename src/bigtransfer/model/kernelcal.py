@@ -78,7 +78,8 @@ def measure(key: ConvKey, timer: Timer | None = None, backward: bool = False) ->
     grad = grad_cl.contiguous()
 
     def call(conv: Callable[[], torch.Tensor], g: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> Callable[[], object]:
-        # autograd.grad, not .backward(): no gradient is added into .grad, which a training step does not time.
+        # autograd.grad, not .backward(): repeated calls would add into .grad, a pass that a training step (whose
+        # .grad starts empty) does not make.
         return (lambda: torch.autograd.grad(conv(), inputs, g)) if backward else conv
 
     with torch.set_grad_enabled(backward):
