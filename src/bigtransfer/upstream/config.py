@@ -55,7 +55,8 @@ class PretrainConfig:
     data: str = setting(help="multi-label JSONL manifest ({\"path\":..., \"labels\": [...]}), image folder, CSV/JSONL "
                              "manifest or .npz")
     out: str = setting(help="run folder: config.json, metrics.jsonl, summary.json, plots, state.pt (resumed when "
-                            "present), checkpoint.safetensors; locked while a run uses it (rank 0 holds OUT/.lock)")
+                            "present), kernels.json (the kernel choices it resumes with), checkpoint.safetensors; "
+                            "locked while a run uses it (rank 0 holds OUT/.lock)")
     model: str = setting("R50x1", "model name or architecture, e.g. R50x1 or BiT-M-R50x1 (random init)",
                          required=True)
     init_from: str | None = setting(None, "start from this checkpoint's weights (a path, or a model name with "
