@@ -266,8 +266,7 @@ def with_training_kernels(step: Step, model: torch.nn.Module, x: torch.Tensor) -
     kernels = kernelcal.TrainingKernels(None)
 
     def run():
-        choices = kernels.choices(model, x)
-        with gemmconv.kernel_choices(choices, backward=True) if choices is not None else nullcontext():
+        with gemmconv.kernel_choices(kernels.choices(model, x), backward=True):
             return step()
     return run
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 
@@ -213,7 +212,7 @@ class InferenceModel(nn.Module):
         choices = self._kernel_choices(x, fn) if self._calibrates and x.dim() == 4 else None
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), kernel_choices(choices) if choices is not None else contextlib.nullcontext():
+        with torch.no_grad(), kernel_choices(choices):
             if self.dtype is torch.float32:
                 y = fn(x)
             elif self._autocast:

@@ -54,10 +54,8 @@ def accumulate_and_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer
         target = target.to(device, non_blocking=True) if isinstance(target, torch.Tensor) else target
         if prepare is not None:
             x, target = prepare(q, x, target)
-        with autocast(device, precision):  # under the run's precision: autocast leaves nothing to choose
-            choices = kernels.choices(model, x) if kernels is not None else None
         # Backward inside the choices too: activation checkpointing recomputes the forward pass there.
-        with kernel_choices(choices, backward=True) if choices is not None else contextlib.nullcontext():
+        with kernel_choices(kernels.choices(model, x) if kernels is not None else None, backward=True):
             with sync(q) if sync is not None else contextlib.nullcontext(), autocast(device, precision):
                 loss = loss_fn(model(x), target)
             backward = loss / divisor if divisor is not None else loss

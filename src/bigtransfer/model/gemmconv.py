@@ -114,9 +114,9 @@ def conv_key(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -
 
 
 @contextlib.contextmanager
-def kernel_choices(choices: Mapping[ConvKey, bool], backward: bool = False) -> Iterator[None]:
+def kernel_choices(choices: Mapping[ConvKey, bool] | None, backward: bool = False) -> Iterator[None]:
     """Inside: a forward-only convolution (with `backward`: one a backward follows) whose shape is in `choices`
-    runs as a GEMM exactly when it says True."""
+    runs as a GEMM exactly when it says True; None: every convolution follows the shape rule."""
     var = _TRAIN_CHOICES if backward else _CHOICES
     token = var.set(choices)
     try:

@@ -42,7 +42,8 @@ from .gemmconv import ConvKey, gemm_applies, gemm_conv2d, recording_convs
 
 ENV = "BIGTRANSFER_CALIBRATE"
 FORMAT = 1
-CANDIDATES = ("nchw", "cl", "gemm")  # gemm: on channels-last maps; None where it does not apply
+CANDIDATES = ("nchw", "cl", "gemm")  # gemm: on channels-last maps; None where it does not apply (nchw: not timed
+# for training, which keeps its channels-last layout)
 # Timer: (the call to time, (candidate, shape)) -> seconds. The label lets a test answer without timing anything.
 Timer = Callable[[Callable[[], object], tuple[str, ConvKey]], float]
 Times = dict[ConvKey, dict[str, float | None]]
@@ -70,9 +71,9 @@ def measure(key: ConvKey, timer: Timer | None = None, backward: bool = False) ->
     with `backward` forward + backward (gradients of the input and the kernel)."""
     timer = timer or wall_time
     n, cin, h, w, cout, k, stride, pad = key
-    x = torch.randn(n, cin, h, w, requires_grad=backward)
-    weight = torch.randn(cout, cin, k, k, requires_grad=backward)
-    x_cl, w_cl = (t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(backward) for t in (x, weight))
+    x = torch.randn(n, cin, h, w)
+    weight = torch.randn(cout, cin, k, k)
+    x_cl, w_cl = (t.contiguous(memory_format=torch.channels_last).requires_grad_(backward) for t in (x, weight))
     out = (n, cout, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1)
     grad_cl = torch.randn(out).contiguous(memory_format=torch.channels_last)
     grad = grad_cl.contiguous()
@@ -84,7 +85,9 @@ def measure(key: ConvKey, timer: Timer | None = None, backward: bool = False) ->
 
     with torch.set_grad_enabled(backward):
         times: dict[str, float | None] = {
-            "nchw": timer(call(lambda: F.conv2d(x, weight, None, stride, pad), grad, (x, weight)), ("nchw", key)),
+            # Training keeps the run's layout (channels-last, where the GEMM applies): NCHW is not a candidate.
+            "nchw": None if backward else timer(call(lambda: F.conv2d(x, weight, None, stride, pad), grad,
+                                                     (x, weight)), ("nchw", key)),
             "cl": timer(call(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), grad_cl, (x_cl, w_cl)), ("cl", key)),
             "gemm": None,
         }
@@ -104,9 +107,10 @@ class Plan:
 
 
 def _layer_time(t: Mapping[str, float | None], channels_last: bool) -> tuple[float, bool]:
-    """(time, use GEMM) of one layer on one layout: the GEMM only where it measured faster than F.conv2d."""
+    """(time, use GEMM) of one layer on one layout: the GEMM only where it measured faster than F.conv2d. NCHW
+    unmeasured (training's times) never wins."""
     if not channels_last:
-        return t["nchw"], False  # type: ignore[return-value]
+        return (math.inf if t["nchw"] is None else t["nchw"]), False
     gemm = t["gemm"]
     if gemm is not None and gemm < t["cl"]:  # type: ignore[operator]
         return gemm, True
@@ -163,7 +167,7 @@ def _parse_times(doc: object, info: Mapping[str, str | int]) -> Times:
             raise ValueError(f"bad entry {text!r}")
         for name, value in entry.items():
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-            if not ok and not (name == "gemm" and value is None):
+            if not ok and not (name in ("gemm", "nchw") and value is None):
                 raise ValueError(f"bad time {value!r} for {name} in entry {text!r}")
         times[key] = {name: None if v is None else float(v) for name, v in entry.items()}  # type: ignore[index]
     return times
@@ -218,8 +222,9 @@ class TrainingKernels:
     `choices(model, x)`, before micro-batch `x`'s forward pass: for a new input shape, one forward pass without
     gradients records the model's convolutions, `plan(..., backward=True)` chooses between oneDNN and the GEMM
     for each, and the choices are saved. None (the shape rule) where there is nothing to choose (not fp32
-    channels-last on a CPU: the model's first kernel tells; autocast) or where measuring is off (`measure` False,
-    or BIGTRANSFER_CALIBRATE=0 when the run started); that is saved too. A resumed run (`keep`) follows the file,
+    channels-last on a CPU: the model's first kernel tells) or where measuring is off (`measure` False, which the
+    loop passes for autocast runs and torchrun runs, or BIGTRANSFER_CALIBRATE=0 when the run started); that is
+    saved too. A resumed run (`keep`) follows the file,
     whatever the environment says now, and a run saved before the file existed keeps the shape rule.
     """
 
@@ -276,7 +281,7 @@ class TrainingKernels:
         kernel = next((p for p in model.parameters() if p.dim() == 4), None)
         # The GEMM path runs fp32 channels-last maps on a CPU only; elsewhere every layer stays with F.conv2d.
         if (kernel is None or x.device.type != "cpu" or kernel.dtype != torch.float32 or kernel.is_contiguous()
-                or not kernel.is_contiguous(memory_format=torch.channels_last) or torch.is_autocast_enabled("cpu")):
+                or not kernel.is_contiguous(memory_format=torch.channels_last)):
             return None
         with torch.no_grad(), recording_convs() as seen:
             model(x)

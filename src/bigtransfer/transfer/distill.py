@@ -44,7 +44,7 @@ from ..data.pretraining import InceptionCrop
 from ..data.sampling import mix_seed
 from ..deploy.inference import load_model
 from ..deploy.inference_model import prepare_for_inference
-from ..engine.device import autocast, describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.device import autocast, autocast_dtype, describe, grad_scaler, pick_device, sgd, training_layout
 from ..engine.metrics import to_json
 from ..engine.plots import RUN_PLOTS, chance_levels, write_plots
 from ..engine.progress import Progress
@@ -325,7 +325,9 @@ class _Distillation(_Training):
         self.eval_loader = (make_loader(ImageDataset(self.data.eval, eval_transform(c.resolution)),
                                         c.eval_batch or self.micro, shuffle=False, workers=c.workers)
                             if self.data.eval else None)
-        self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume)
+        # Measured kernels for fp32 runs: the GEMM path computes fp32 only (autocast runs keep F.conv2d).
+        self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume,
+                                       measure=autocast_dtype(c.precision) is None)
         self.open_log(resume)
 
     def update(self, step: int, micro_batches: Iterable[Any]) -> tuple[float, float, dict[str, Any]]:

@@ -47,7 +47,7 @@ from ..data.datasets import (
 )
 from ..data.sampling import mix_seed
 from ..deploy.inference_model import prepare_for_inference
-from ..engine.device import describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.device import autocast_dtype, describe, grad_scaler, pick_device, sgd, training_layout
 from ..engine.metrics import Evaluation, MetricsLog, read_jsonl, to_json
 from ..engine.plots import RUN_PLOTS, chance_levels, write_plots
 from ..engine.progress import Progress
@@ -372,7 +372,9 @@ class _Training:
         self.train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers,
                                         start_step=self.start, steps=plan.end, batch_split=c.batch_split)
         self.eval_loader = make_loader(eval_ds, c.eval_batch or self.micro, shuffle=False, workers=c.workers)
-        self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume)
+        # Measured kernels for fp32 runs: the GEMM path computes fp32 only (autocast runs keep F.conv2d).
+        self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume,
+                                       measure=autocast_dtype(c.precision) is None)
         self.open_log(resume)
 
     def open_log(self, resume: bool) -> None:

@@ -52,7 +52,7 @@ from ..core.atomic import write_text
 from ..core.errors import UserError, is_user_error
 from ..core.runfolder import StopOnSignal
 from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
-from ..engine.device import sgd, training_layout
+from ..engine.device import autocast_dtype, sgd, training_layout
 from ..engine.metrics import MetricsLog, read_jsonl, to_json
 from ..engine.plots import write_plots
 from ..engine.progress import Progress
@@ -184,42 +184,38 @@ def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.Di
     weights): an --init-from run is rebuilt with the ws_eps and padding it started with, without the source file.
     """
     # Same seed on every rank: FSDP does not broadcast initial weights, and DDP's broadcast then changes nothing.
-    # fork_rng leaves the caller's global generator as it was.
+    # fork_rng leaves the caller's global generator as it was (a new head's construction draws from it too).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        if config.init_from is not None and resumed is not None:
-            model = ResNetV2(resolve(config.model).arch, len(classes), ws_eps=float(resumed["ws_eps"]),
-                             padding=str(resumed["padding"]))
-            model.labels = list(classes)
-            return model
+        keep_head = False
         if config.init_from is None:
             model = create_model(config.model, num_classes=len(classes), pretrained=False)
+        elif resumed is not None:  # the saved state replaces every weight: only ws_eps and padding matter
+            model = ResNetV2(resolve(config.model).arch, len(classes), ws_eps=float(resumed["ws_eps"]),
+                             padding=str(resumed["padding"]))
         else:
             loaded: dict[str, ResNetV2] = {}
             # Rank 0 first, so that a model name is downloaded once; the others then read the cached file.
             _main_first(env, lambda: loaded.update(model=_init_weights(config)))
             model = loaded.get("model") or _init_weights(config)
-    if config.init_from is not None and model.labels == classes:
-        say(f"weights from {config.init_from}, its head too (the same {len(classes)} classes)")
-    else:
-        if config.init_from is not None:
-            say(f"weights from {config.init_from}; a new head for the data's {len(classes)} classes")
-            model.reset_head(len(classes), zero_init=True)
+            keep_head = model.labels == classes
+            say(f"weights from {config.init_from}" + (f", its head too (the same {len(classes)} classes)" if keep_head
+                                                      else f"; a new head for the data's {len(classes)} classes"))
+            if not keep_head:
+                model.reset_head(len(classes), zero_init=True)
+    if not keep_head:
         init_head(model, config.loss)
     model.labels = list(classes)
     return model
 
 
 def _init_weights(config: PretrainConfig) -> ResNetV2:
-    """--init-from's model, refused when it is not the architecture of --model."""
-    source = str(config.init_from)
-    path = Path(source).expanduser()
-    model = create_model(config.model if path.is_file() else source, pretrained=path if path.is_file() else True)
-    arch = resolve(config.model).arch
-    if model.arch != arch:
-        raise UserError(f"--init-from {source} holds an {model.arch.name}, but --model {config.model} is an "
-                        f"{arch.name}")
-    return model
+    """--init-from's model: a file, read as --model (whose architecture it must hold), or a name with weights (whose
+    architecture PretrainConfig.validate compared before anything was downloaded)."""
+    path = Path(str(config.init_from)).expanduser()
+    if path.is_file():
+        return create_model(config.model, pretrained=path)
+    return create_model(str(config.init_from), pretrained=True)
 
 
 # ---------------------------------------------------------------- the run
@@ -418,7 +414,6 @@ class _Pretraining:
                              fused=not config.fsdp, lr=plan.peak_lr, momentum=config.momentum)
         self.start, self.extra = 0, {}
         self.train_time, self.timed_steps, self.last_eval = 0.0, 0, {}
-        self.kernels = TrainingKernels(None, measure=False)  # open() gives rank 0 the run folder's file
 
     def resume(self) -> None:
         """Load RUN/state.pt on rank 0 after checking it belongs to this run; every rank gets its weights."""
@@ -445,10 +440,11 @@ class _Pretraining:
     def open(self) -> None:
         """config.json, the log, what the log held before the start update, and the batches from there on."""
         config, env, plan, out, start = self.config, self.env, self.plan, self.out, self.start
-        # Measured kernels for one process only: ranks measuring apart could choose apart, and a resumed rank could
-        # choose otherwise than before. Rank 0 keeps the choices (the rule's, for several) in the run folder.
+        # Measured kernels for one fp32 process only: ranks measuring apart could choose apart, and a resumed rank
+        # could choose otherwise than before. Rank 0 keeps the choices (the rule's, for several) in the run folder.
         def open_kernels() -> None:
-            self.kernels = TrainingKernels(self.rundir.kernels_file, keep=start > 0, measure=env.world_size == 1)
+            self.kernels = TrainingKernels(self.rundir.kernels_file, keep=start > 0,
+                                           measure=env.world_size == 1 and autocast_dtype(config.precision) is None)
 
         self.kernels = TrainingKernels(None, measure=False)  # the other ranks: the shape rule
         _main_first(env, open_kernels)  # a damaged kernels.json stops every rank
