@@ -3,6 +3,7 @@ as JSON per machine, a damaged cache is ignored with a warning, and the env var 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -11,7 +12,7 @@ import torch
 
 from bigtransfer.core.errors import UserError
 from bigtransfer.deploy.inference_model import prepare_for_inference
-from bigtransfer.model import gemmconv, kernelcal
+from bigtransfer.model import gemmconv, kernelcal, normlayout
 from bigtransfer.model.resnetv2 import ResNetV2
 
 A = (2, 8, 4, 4, 16, 1, 1, 0)  # a 1x1 conv on a 4x4 map
@@ -147,6 +148,7 @@ def test_prepare_for_inference_uses_the_calibration(tmp_path, monkeypatch):
 def test_env_var_turns_calibration_off(monkeypatch):
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")
     monkeypatch.setattr(kernelcal, "plan", lambda *a, **k: pytest.fail("calibrated although turned off"))
+    monkeypatch.setattr(kernelcal, "norm_plan", lambda *a, **k: pytest.fail("calibrated although turned off"))
     fast = prepare_for_inference(ResNetV2("R14x0.5", 10).eval())
     fast(torch.rand(1, 3, 32, 32))
     assert fast.channels_last  # the deterministic rule: channels-last, GEMM_MAX_POSITIONS
@@ -252,3 +254,105 @@ def test_a_resumed_run_follows_its_file_not_the_environment(tmp_path, monkeypatc
     assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None
     run.unlink()  # a run saved before kernels.json existed trained by the rule: it keeps it
     assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None
+
+
+# ---------------------------------------------------------------- GroupNorm: its channels-last kernel or an NCHW copy
+
+N1 = (2, 64, 4, 4, 32)  # 2 channels per group
+N2 = (2, 128, 8, 8, 32)
+
+
+def test_norm_plan_follows_the_timer_and_caches_per_dtype(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    table = {("cl", N1): 2.0, ("nchw", N1): 1.0, ("cl", N2): 1.0, ("nchw", N2): 3.0}
+    calls: list = []
+    assert kernelcal.norm_plan([N1, N2, N1], torch.bfloat16, fake_timer(table, calls)) == {N1}
+    assert sorted(calls) == sorted(table)  # each shape timed once, both ways
+    never = fake_timer({})  # a KeyError if asked: the cache answers
+    assert kernelcal.norm_plan([N2, N1], torch.bfloat16, never) == {N1}
+    assert kernelcal.norm_plan([N2], torch.bfloat16, never) == frozenset()
+    calls.clear()
+    assert kernelcal.norm_plan([N1], torch.float32, fake_timer(table, calls)) == {N1}
+    assert calls  # another dtype, another file
+    names = sorted(p.name.split("-")[1] for p in (tmp_path / "kernels").glob("norm-*.json"))
+    assert names == ["bfloat16", "float32"]
+
+
+@pytest.mark.parametrize("content", ["{", json.dumps({"format": 1, "machine": {}, "times": {}}),
+                                     "CONV"])
+def test_damaged_norm_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    path = kernelcal.cache_file(kind="norm-bfloat16")
+    path.parent.mkdir(parents=True)
+    if content == "CONV":  # a valid convolution cache is not a GroupNorm cache (keys of 8 numbers, 3 candidates)
+        content = json.dumps({"format": 1, "machine": kernelcal.machine(), "times": {"2,8,4,4,16,1,1,0":
+                                                                                     {"nchw": 1, "cl": 1, "gemm": 1}}})
+    path.write_text(content)
+    table = {("cl", N1): 2.0, ("nchw", N1): 1.0}
+    with pytest.warns(UserWarning, match="ignoring the kernel calibration cache"):
+        assert kernelcal.norm_plan([N1], torch.bfloat16, fake_timer(table)) == {N1}
+    assert kernelcal.norm_plan([N1], torch.bfloat16, fake_timer({})) == {N1}  # rewritten, readable
+
+
+def test_measure_norm_times_both_ways_on_real_data():
+    times = kernelcal.measure_norm(N1, torch.float32, lambda fn, label: fn().shape == N1[:4] and 1.0)
+    assert times == {"cl": 1.0, "nchw": 1.0}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_layout_group_norm_is_group_norm_either_way(dtype, tol, monkeypatch):
+    via_nchw = []
+    real = normlayout.group_norm_via_nchw
+    monkeypatch.setattr(normlayout, "group_norm_via_nchw", lambda *a: via_nchw.append(1) or real(*a))
+    torch.manual_seed(0)
+    plain = torch.nn.GroupNorm(32, 128).to(dtype)
+    torch.nn.init.normal_(plain.weight)
+    torch.nn.init.normal_(plain.bias)
+    norm = normlayout.LayoutGroupNorm.like(plain)
+    x = torch.randn(2, 128, 8, 8).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = torch.nn.functional.group_norm(x.float().contiguous(), 32, plain.weight.float(), plain.bias.float())
+        assert torch.equal(norm(x), plain(x))  # outside norm_layouts: exactly nn.GroupNorm
+        with normlayout.recording_norms() as seen, normlayout.norm_layouts(frozenset({N2})):
+            out = norm(x)
+            assert torch.equal(norm(x.contiguous()), plain(x.contiguous()))  # NCHW maps: not dispatched
+    assert seen == [N2] and via_nchw == [1]  # only the channels-last call in the chosen set took the NCHW copy
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.float() - ref).abs().max().item() < tol * ref.abs().max().item()
+
+
+def test_prepare_for_inference_runs_each_group_norm_as_measured(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = ResNetV2("R14x0.5", 10, zero_head=False).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    via_nchw = []
+    real = normlayout.group_norm_via_nchw
+    monkeypatch.setattr(normlayout, "group_norm_via_nchw", lambda *a: via_nchw.append(a[0].shape) or real(*a))
+    outs = {}
+    for prefer in ("cl", "nchw"):
+        # Norm labels carry 5-number keys, convolution labels 8: only the GroupNorm choice changes.
+        monkeypatch.setattr(kernelcal, "wall_time", lambda fn, label, p=prefer: (
+            1.0 if label[0] == p else 2.0) if len(label[1]) == 5 else (1.0 if label[0] == "cl" else 2.0))
+        for path in (tmp_path / "kernels").glob("norm-*.json"):
+            path.unlink()
+        with pytest.warns(RuntimeWarning) if not _bf16_units() else contextlib.nullcontext():
+            fast = prepare_for_inference(model, "bf16")
+        fast(x)  # calibrates
+        via_nchw.clear()
+        with normlayout.recording_norms() as seen:
+            outs[prefer] = fast(x)
+        assert len(seen) >= 8  # the GroupNorms on channels-last maps (1x1 maps are not)
+        assert len(via_nchw) == (0 if prefer == "cl" else len(seen)), (via_nchw, seen)
+    ref = model(x)
+    for out in outs.values():
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-2  # bf16
+    assert ((outs["cl"] - outs["nchw"]).abs().max() / ref.abs().max()).item() < 5e-2
+
+
+def _bf16_units() -> bool:
+    from bigtransfer.deploy.inference_model import native_precision
+
+    return native_precision("bf16", torch.device("cpu"))
+

@@ -11,6 +11,7 @@ from torch import nn
 from ..engine.device import PRECISIONS, check_precision
 from ..model import kernelcal
 from ..model.gemmconv import ConvKey, kernel_choices, recording_convs
+from ..model.normlayout import LayoutGroupNorm, NormKey, norm_layouts, recording_norms
 from ..model.resnetv2 import PlainConv2d, ResNetV2, StdConv2d
 
 
@@ -43,12 +44,14 @@ def _plain_conv(m: StdConv2d) -> PlainConv2d:
 
 
 def frozen_copy(model: ResNetV2) -> ResNetV2:
-    """A copy of `model` whose standardized convs are plain convs holding the standardized kernels."""
+    """A copy of `model` whose standardized convs are plain convs holding the standardized kernels, and whose
+    GroupNorms follow the measured layout choices (`model.normlayout`)."""
     frozen = copy.deepcopy(model)
     for name, m in list(frozen.named_modules()):
-        if isinstance(m, StdConv2d):
+        if isinstance(m, StdConv2d | nn.GroupNorm):
             parent, _, child = name.rpartition(".")
-            setattr(frozen.get_submodule(parent) if parent else frozen, child, _plain_conv(m))
+            new = _plain_conv(m) if isinstance(m, StdConv2d) else LayoutGroupNorm.like(m)
+            setattr(frozen.get_submodule(parent) if parent else frozen, child, new)
     frozen.load_state_dict(_standardized_state(model))
     return frozen.eval().requires_grad_(False)
 
@@ -114,8 +117,9 @@ class InferenceModel(nn.Module):
         self._auto_layout = channels_last is None
         self.compile = compile
         self.calibrate = kernelcal.enabled() if calibrate is None else bool(calibrate)
-        # Input shape -> the calibrated GEMM choice per convolution shape (see _kernel_choices).
-        self._plans: dict[tuple[int, ...], dict[ConvKey, bool]] = {}
+        # Input shape -> the calibrated GEMM choice per convolution shape and the GroupNorm shapes that run through
+        # an NCHW copy (see _kernel_choices).
+        self._plans: dict[tuple[int, ...], tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]] = {}
         # Kept outside the module tree so state_dict() and parameters() don't repeat the source's weights.
         self.__dict__["source"] = model
         self.frozen: ResNetV2 = None  # type: ignore[assignment]  # set by refresh()
@@ -183,44 +187,50 @@ class InferenceModel(nn.Module):
 
     @property
     def _calibrates(self) -> bool:
-        # The GEMM path exists for fp32 on CPUs only; a compiled graph runs inductor's kernels, not this dispatch.
-        return (self.dtype is torch.float32 and not self.compile and self.calibrate
-                and next(self.source.parameters()).device.type == "cpu")
+        # Kernels are timed for eager runs on a CPU (a compiled graph runs inductor's kernels, not this dispatch).
+        return self.calibrate and not self.compile and next(self.source.parameters()).device.type == "cpu"
 
-    def _kernel_choices(self, x: torch.Tensor, fn) -> dict[ConvKey, bool]:
-        """The calibrated kernel per convolution for inputs shaped like `x`; the first shape also picks the layout.
+    def _kernel_choices(self, x: torch.Tensor, fn) -> tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]:
+        """The calibrated kernels for inputs shaped like `x`: per convolution shape, GEMM or oneDNN (fp32, where the
+        GEMM path exists), and the GroupNorm shapes faster through an NCHW copy; the first shape also picks the
+        layout (fp32).
 
-        One forward pass records the convolution shapes, kernelcal times those not cached yet, and the layout
-        and GEMM choices follow; the layout is chosen once only, since a refill keeps the copy's layout.
+        One forward pass records the shapes, kernelcal times those not cached yet, and the choices follow; the
+        layout is chosen once only, since a refill keeps the copy's layout.
         """
         shape = tuple(x.shape)
         if shape not in self._plans:
-            layouts = (True, False) if self._auto_layout and not self._plans else (self.channels_last,)
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), recording_convs() as seen:
-                fn(x)
-            plan = kernelcal.plan(seen, layouts)
-            if plan.channels_last != self.channels_last:
-                self.channels_last = plan.channels_last
-                self.frozen.to(memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
-            self._plans[shape] = plan.gemm
+            with torch.no_grad(), recording_convs() as convs, recording_norms() as norms:
+                self._call(fn, self._layout_input(x))
+            gemm = None
+            if self.dtype is torch.float32:
+                layouts = (True, False) if self._auto_layout and not self._plans else (self.channels_last,)
+                plan = kernelcal.plan(convs, layouts)
+                if plan.channels_last != self.channels_last:
+                    self.channels_last = plan.channels_last
+                    self.frozen.to(memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
+                gemm = plan.gemm
+            nchw = kernelcal.norm_plan(norms, self.dtype) if self.channels_last and norms else frozenset()
+            self._plans[shape] = (gemm, nchw)
         return self._plans[shape]
+
+    def _layout_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def _call(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """`fn(x)` in the copy's precision: on the cast copy, or under autocast (CUDA)."""
+        if self.dtype is torch.float32:
+            return fn(x)
+        if self._autocast:
+            with torch.autocast(x.device.type, dtype=self.dtype):
+                return fn(x)
+        return fn(x.to(self.dtype))
 
     def _run(self, x: torch.Tensor, features: bool) -> torch.Tensor:
         fn = self._function(features)
-        choices = self._kernel_choices(x, fn) if self._calibrates and x.dim() == 4 else None
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), kernel_choices(choices):
-            if self.dtype is torch.float32:
-                y = fn(x)
-            elif self._autocast:
-                with torch.autocast(x.device.type, dtype=self.dtype):
-                    y = fn(x)
-            else:
-                y = fn(x.to(self.dtype))
-        return y.float()
+        gemm, nchw = self._kernel_choices(x, fn) if self._calibrates and x.dim() == 4 else (None, frozenset())
+        with torch.no_grad(), kernel_choices(gemm), norm_layouts(nchw):
+            return self._call(fn, self._layout_input(x)).float()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits (N, 2048*w), float32."""

@@ -11,6 +11,10 @@ Never slower than plain F.conv2d on the same layout, by construction: a layer go
 GEMM time was below its F.conv2d time on that layout, and a layout is chosen only when its total (each layer at
 its chosen kernel) is the lowest.
 
+GroupNorm (`norm_plan`, inference only): PyTorch's channels-last CPU GroupNorm is much slower than its NCHW kernel on
+some shapes and dtypes (`model.normlayout`), so each GroupNorm shape on a channels-last map is timed on that kernel
+and through an NCHW copy, per dtype, in a cache file of its own; the copy is used where it measured faster.
+
 Training (`TrainingKernels`, used by every training loop through `engine.step.accumulate_and_step`) does the same
 with forward + backward times, in a cache file of its own, on the layout the run trains in. Its choices are also
 written into the run folder (RUN/kernels.json) the first time each input shape is met, and read back when the run
@@ -39,14 +43,16 @@ import torch.nn.functional as F
 from ..core.atomic import write_text
 from ..core.errors import UserError
 from .gemmconv import ConvKey, gemm_applies, gemm_conv2d, recording_convs
+from .normlayout import NormKey, group_norm_via_nchw
 
 ENV = "BIGTRANSFER_CALIBRATE"
 FORMAT = 1
 CANDIDATES = ("nchw", "cl", "gemm")  # gemm: on channels-last maps; None where it does not apply (nchw: not timed
 # for training, which keeps its channels-last layout)
+NORM_CANDIDATES = ("cl", "nchw")  # GroupNorm of a channels-last map: its own kernel, or through an NCHW copy
 # Timer: (the call to time, (candidate, shape)) -> seconds. The label lets a test answer without timing anything.
-Timer = Callable[[Callable[[], object], tuple[str, ConvKey]], float]
-Times = dict[ConvKey, dict[str, float | None]]
+Timer = Callable[[Callable[[], object], tuple[str, tuple[int, ...]]], float]
+Times = dict[tuple[int, ...], dict[str, float | None]]
 
 
 def enabled() -> bool:
@@ -54,7 +60,7 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def wall_time(fn: Callable[[], object], label: tuple[str, ConvKey], budget_s: float = 0.005, most: int = 5) -> float:
+def wall_time(fn: Callable[[], object], label: tuple[str, tuple[int, ...]], budget_s: float = 0.005, most: int = 5) -> float:
     """Best wall time of `fn` over at least 2 and at most `most` calls within about `budget_s`, after one warm-up."""
     fn()  # the first call allocates and lets oneDNN pick its kernel for the shape
     best, spent, reps = math.inf, 0.0, 0
@@ -144,36 +150,44 @@ def machine() -> dict[str, str | int]:
     return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def cache_file(info: Mapping[str, str | int] | None = None, backward: bool = False) -> Path:
-    """The cache file for this machine (forward-only or forward + backward times), under the download cache
-    ($BIGTRANSFER_CACHE or ~/.cache/bigtransfer)."""
+def cache_file(info: Mapping[str, str | int] | None = None, backward: bool = False, kind: str = "conv") -> Path:
+    """The cache file for this machine (convolutions' forward-only or forward + backward times; `kind`
+    "norm-<dtype>": GroupNorm times), under the download cache ($BIGTRANSFER_CACHE or ~/.cache/bigtransfer)."""
     # Imported here: downloads pulls in tqdm and the registry, which the inference path otherwise doesn't need.
     from .downloads import cache_dir
 
     digest = hashlib.sha256(json.dumps(info or machine(), sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"conv-{'train-' if backward else ''}{digest}.json"
+    return cache_dir() / "kernels" / f"{kind}-{'train-' if backward else ''}{digest}.json"
 
 
-def _parse_times(doc: object, info: Mapping[str, str | int]) -> Times:
+# What a cache holds per shape: the key's length, the candidates, and those that may be None (not timed).
+CONV_ENTRIES = (8, CANDIDATES, ("gemm", "nchw"))
+NORM_ENTRIES = (5, NORM_CANDIDATES, ())
+
+
+def _parse_times(doc: object, info: Mapping[str, str | int],
+                 entries: tuple[int, tuple[str, ...], tuple[str, ...]] = CONV_ENTRIES) -> Times:
     """The times in a cache document; ValueError naming the first problem (it is data only, never code)."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("times"), dict):
         raise ValueError(f"not a format-{FORMAT} calibration file")
     if doc.get("machine") != dict(info):
         raise ValueError("it was measured on another machine, torch version or thread count")
+    length, candidates, optional = entries
     times: Times = {}
     for text, entry in doc["times"].items():
-        key = tuple(int(v) for v in text.split(",")) if re.fullmatch(r"\d+(,\d+){7}", text) else None
-        if key is None or not isinstance(entry, dict) or set(entry) != set(CANDIDATES):
+        key = tuple(int(v) for v in text.split(",")) if re.fullmatch(rf"\d+(,\d+){{{length - 1}}}", text) else None
+        if key is None or not isinstance(entry, dict) or set(entry) != set(candidates):
             raise ValueError(f"bad entry {text!r}")
         for name, value in entry.items():
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-            if not ok and not (name in ("gemm", "nchw") and value is None):
+            if not ok and not (name in optional and value is None):
                 raise ValueError(f"bad time {value!r} for {name} in entry {text!r}")
-        times[key] = {name: None if v is None else float(v) for name, v in entry.items()}  # type: ignore[index]
+        times[key] = {name: None if v is None else float(v) for name, v in entry.items()}
     return times
 
 
-def load(path: Path, info: Mapping[str, str | int]) -> Times:
+def load(path: Path, info: Mapping[str, str | int],
+         entries: tuple[int, tuple[str, ...], tuple[str, ...]] = CONV_ENTRIES) -> Times:
     """Cached times from `path`; a missing file gives none, a damaged or foreign one is ignored with a warning."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -183,7 +197,7 @@ def load(path: Path, info: Mapping[str, str | int]) -> Times:
         warnings.warn(f"{path}: cannot read the kernel calibration cache ({e}); measuring again", stacklevel=2)
         return {}
     try:
-        return _parse_times(json.loads(text), info)
+        return _parse_times(json.loads(text), info, entries)
     except ValueError as e:  # json.JSONDecodeError is a ValueError too
         warnings.warn(f"{path}: ignoring the kernel calibration cache ({e}); measuring again", stacklevel=2)
         return {}
@@ -214,6 +228,32 @@ def plan(keys: Iterable[ConvKey], layouts: Iterable[bool] = (True, False), timer
     if missing:
         save(path, info, times)
     return choose(counts, times, tuple(layouts))
+
+
+def measure_norm(key: NormKey, dtype: torch.dtype, timer: Timer | None = None) -> dict[str, float | None]:
+    """Seconds per call of GroupNorm on a channels-last map of this shape and dtype: its own kernel ("cl") and
+    through an NCHW copy ("nchw", both copies counted)."""
+    timer = timer or wall_time
+    n, c, h, w, groups = key
+    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(c).to(dtype), torch.randn(c).to(dtype)
+    with torch.no_grad():
+        return {"cl": timer(lambda: F.group_norm(x, groups, weight, bias), ("cl", key)),
+                "nchw": timer(lambda: group_norm_via_nchw(x, groups, weight, bias, 1e-5), ("nchw", key))}
+
+
+def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None = None) -> frozenset[NormKey]:
+    """The GroupNorm shapes (of `keys`) that run faster through an NCHW copy, in `dtype` on this machine: cached
+    times, the missing shapes measured now and added to the cache."""
+    info = machine()
+    path = cache_file(info, kind=f"norm-{str(dtype).removeprefix('torch.')}")
+    times = load(path, info, NORM_ENTRIES)
+    missing = [key for key in dict.fromkeys(keys) if key not in times]
+    for key in missing:
+        times[key] = measure_norm(key, dtype, timer)
+    if missing:
+        save(path, info, times)
+    return frozenset(k for k in keys if times[k]["nchw"] < times[k]["cl"])  # type: ignore[operator]
 
 
 class TrainingKernels:

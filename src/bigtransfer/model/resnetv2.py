@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.errors import UserError
 from .gemmconv import conv2d
 from .memory import check_fits, parameter_count
+from .normlayout import channels_last_map
 
 # The authors' release standardizes with eps 1e-10; timm and HF transformers use 1e-8.
 WS_EPS_RELEASE = 1e-10
@@ -197,7 +198,7 @@ class PreActBottleneck(nn.Module):
         self.precise_norm1 = False
 
     def _norm1(self, x: torch.Tensor) -> torch.Tensor:
-        if self.precise_norm1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        if self.precise_norm1 and channels_last_map(x):
             return self.gn1(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return self.gn1(x)
 

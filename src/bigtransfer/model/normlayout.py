@@ -1,0 +1,80 @@
+"""GroupNorm on channels-last maps through an NCHW copy, for the shapes where that is faster on the machine at hand.
+
+PyTorch's CPU GroupNorm has its own kernel for channels-last maps. Its speed against the NCHW kernel depends on the
+shape, the dtype and the CPU: on a 2-core Sapphire Rapids Xeon, in bf16, it ran 3-10x slower on R50x1's 128- and
+256-channel maps at 28x28 and 14x14 (4 and 8 channels per group) and as fast or faster elsewhere; in fp32 it won
+everywhere (benchmarks/RESULTS.md). So the inference path (`deploy.inference_model`) times both per shape
+(`model.kernelcal.norm_plan`) and runs a GroupNorm through an NCHW copy where that measured faster; its choices are in
+force inside `norm_layouts()`. Outside, a `LayoutGroupNorm` is exactly `nn.GroupNorm`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A GroupNorm call as the dispatch sees it: (batch, channels, height, width, groups).
+NormKey = tuple[int, int, int, int, int]
+
+_NCHW: ContextVar[frozenset[NormKey]] = ContextVar("nchw_norms", default=frozenset())
+_SEEN: ContextVar[list[NormKey] | None] = ContextVar("seen_norms", default=None)
+
+
+def channels_last_map(x: torch.Tensor) -> bool:
+    """A 4-d map stored channels-last (and not also contiguous, as 1x1 maps are both)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def group_norm_via_nchw(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        eps: float) -> torch.Tensor:
+    """F.group_norm of a channels-last map computed on an NCHW copy, returned channels-last."""
+    return F.group_norm(x.contiguous(), groups, weight, bias, eps).contiguous(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def norm_layouts(nchw: frozenset[NormKey]) -> Iterator[None]:
+    """Inside: a LayoutGroupNorm of a channels-last map whose key is in `nchw` runs through an NCHW copy."""
+    token = _NCHW.set(nchw)
+    try:
+        yield
+    finally:
+        _NCHW.reset(token)
+
+
+@contextlib.contextmanager
+def recording_norms() -> Iterator[list[NormKey]]:
+    """Inside: every LayoutGroupNorm of a channels-last map appends its key to the yielded list."""
+    seen: list[NormKey] = []
+    token = _SEEN.set(seen)
+    try:
+        yield seen
+    finally:
+        _SEEN.reset(token)
+
+
+class LayoutGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and state dict) that follows `norm_layouts()` on channels-last maps."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A compiled graph (inductor) brings its own GroupNorm code: no dispatch to trace there.
+        if torch.compiler.is_compiling() or not channels_last_map(x):
+            return super().forward(x)
+        key: NormKey = (*x.shape, self.num_groups)  # type: ignore[assignment]
+        seen = _SEEN.get()
+        if seen is not None:
+            seen.append(key)
+        if key in _NCHW.get():
+            return group_norm_via_nchw(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+    @classmethod
+    def like(cls, norm: nn.GroupNorm) -> LayoutGroupNorm:
+        """A LayoutGroupNorm with `norm`'s settings and (the same) parameters."""
+        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+        new.weight, new.bias = norm.weight, norm.bias
+        return new
