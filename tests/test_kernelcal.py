@@ -4,6 +4,7 @@ as JSON per machine, a damaged cache is ignored with a warning, and the env var 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import random
 
@@ -278,15 +279,19 @@ def test_norm_plan_follows_the_timer_and_caches_per_dtype(tmp_path, monkeypatch)
     assert names == ["bfloat16", "float32"]
 
 
-@pytest.mark.parametrize("content", ["{", json.dumps({"format": 1, "machine": {}, "times": {}}),
-                                     "CONV"])
+@pytest.mark.parametrize("content", ["{", "[" * 100000, json.dumps({"format": 1, "machine": {}, "times": {}}),
+                                     "CONV", "FLOAT32"])
 def test_damaged_norm_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monkeypatch, content):
     monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
-    path = kernelcal.cache_file(kind="norm-bfloat16")
-    path.parent.mkdir(parents=True)
+    path = kernelcal.cache_file({**kernelcal.machine(), "dtype": "bfloat16"}, kind="norm-bfloat16")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if content == "CONV":  # a valid convolution cache is not a GroupNorm cache (keys of 8 numbers, 3 candidates)
         content = json.dumps({"format": 1, "machine": kernelcal.machine(), "times": {"2,8,4,4,16,1,1,0":
                                                                                      {"nchw": 1, "cl": 1, "gemm": 1}}})
+    if content == "FLOAT32":  # another dtype's valid file under this dtype's name
+        kernelcal.norm_plan([N1], torch.float32, fake_timer({("cl", N1): 1.0, ("nchw", N1): 2.0}))
+        content = kernelcal.cache_file({**kernelcal.machine(), "dtype": "float32"}, kind="norm-float32").read_text()
+        path = kernelcal.cache_file({**kernelcal.machine(), "dtype": "bfloat16"}, kind="norm-bfloat16")
     path.write_text(content)
     table = {("cl", N1): 2.0, ("nchw", N1): 1.0}
     with pytest.warns(UserWarning, match="ignoring the kernel calibration cache"):
@@ -295,8 +300,23 @@ def test_damaged_norm_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, mo
 
 
 def test_measure_norm_times_both_ways_on_real_data():
-    times = kernelcal.measure_norm(N1, torch.float32, lambda fn, label: fn().shape == N1[:4] and 1.0)
-    assert times == {"cl": 1.0, "nchw": 1.0}
+    outs = {}
+
+    def timer(fn, label):
+        outs[label[0]] = fn()
+        return {"cl": 1.0, "nchw": 2.0}[label[0]]
+
+    assert kernelcal.measure_norm(N1, torch.float32, timer) == {"cl": 1.0, "nchw": 2.0}
+    assert outs["cl"].shape == outs["nchw"].shape == N1[:4]
+    assert outs["cl"].is_contiguous(memory_format=torch.channels_last)
+    assert outs["nchw"].is_contiguous(memory_format=torch.channels_last)  # the copy comes back channels-last
+    assert torch.allclose(outs["cl"], outs["nchw"], atol=1e-5)  # the same GroupNorm either way
+
+
+def test_norm_plan_takes_any_iterable(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    table = {("cl", N1): 2.0, ("nchw", N1): 1.0}
+    assert kernelcal.norm_plan((k for k in [N1, N1]), torch.bfloat16, fake_timer(table)) == {N1}
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -308,7 +328,8 @@ def test_layout_group_norm_is_group_norm_either_way(dtype, tol, monkeypatch):
     plain = torch.nn.GroupNorm(32, 128).to(dtype)
     torch.nn.init.normal_(plain.weight)
     torch.nn.init.normal_(plain.bias)
-    norm = normlayout.LayoutGroupNorm.like(plain)
+    norm = copy.deepcopy(plain)
+    norm.__class__ = normlayout.LayoutGroupNorm  # as frozen_copy makes it
     x = torch.randn(2, 128, 8, 8).to(dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = torch.nn.functional.group_norm(x.float().contiguous(), 32, plain.weight.float(), plain.bias.float())
@@ -356,3 +377,32 @@ def _bf16_units() -> bool:
 
     return native_precision("bf16", torch.device("cpu"))
 
+
+
+def test_frozen_copy_keeps_group_norm_hooks_and_refresh_keeps_the_dispatch():
+    from bigtransfer.deploy.inference_model import frozen_copy
+
+    model = ResNetV2("R14x0.5", 10).eval()
+    calls = []
+    model.norm.register_forward_hook(lambda m, i, o: calls.append(1))
+    frozen = frozen_copy(model)
+    assert isinstance(frozen.norm, normlayout.LayoutGroupNorm) and type(model.norm) is torch.nn.GroupNorm
+    assert list(frozen.state_dict()) == list(model.state_dict())
+    with torch.no_grad():
+        frozen(torch.rand(1, 3, 32, 32))
+    assert calls == [1]
+    fast = prepare_for_inference(model, calibrate=False)
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # a weight change: the next call refreshes the copy
+    fast(torch.rand(1, 3, 32, 32))
+    assert isinstance(fast.frozen.norm, normlayout.LayoutGroupNorm)
+
+
+def test_an_fp32_model_calibrated_to_nchw_times_no_group_norm(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernelcal, "wall_time", _timer_preferring("nchw"))
+    monkeypatch.setattr(kernelcal, "norm_plan", lambda *a, **k: pytest.fail("GroupNorms timed on an NCHW model"))
+    fast = prepare_for_inference(ResNetV2("R14x0.5", 10).eval())
+    fast(torch.rand(2, 3, 32, 32))
+    assert not fast.channels_last

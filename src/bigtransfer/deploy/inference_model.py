@@ -48,10 +48,11 @@ def frozen_copy(model: ResNetV2) -> ResNetV2:
     GroupNorms follow the measured layout choices (`model.normlayout`)."""
     frozen = copy.deepcopy(model)
     for name, m in list(frozen.named_modules()):
-        if isinstance(m, StdConv2d | nn.GroupNorm):
+        if isinstance(m, StdConv2d):
             parent, _, child = name.rpartition(".")
-            new = _plain_conv(m) if isinstance(m, StdConv2d) else LayoutGroupNorm.like(m)
-            setattr(frozen.get_submodule(parent) if parent else frozen, child, new)
+            setattr(frozen.get_submodule(parent) if parent else frozen, child, _plain_conv(m))
+        elif type(m) is nn.GroupNorm:  # the same module, parameters and hooks, with the layout dispatch
+            m.__class__ = LayoutGroupNorm
     frozen.load_state_dict(_standardized_state(model))
     return frozen.eval().requires_grad_(False)
 
@@ -99,7 +100,8 @@ class InferenceModel(nn.Module):
     Holds a frozen copy of the source model with the standardized kernels computed once, in the chosen
     precision and memory layout. Before each call it checks the source's parameters (version counters and
     storage) and recomputes the copy if they changed, e.g. after an optimizer step or load_state_dict.
-    Call `refresh()` after changing weights behind autograd's back (through `.data`).
+    Call `refresh()` after changing weights behind autograd's back (through `.data`). On a CPU the first call
+    of each input shape times the kernels (see `prepare_for_inference`'s calibrate).
     """
 
     def __init__(self, model: ResNetV2, precision: str = "fp32", channels_last: bool | None = None,
@@ -187,8 +189,10 @@ class InferenceModel(nn.Module):
 
     @property
     def _calibrates(self) -> bool:
-        # Kernels are timed for eager runs on a CPU (a compiled graph runs inductor's kernels, not this dispatch).
-        return self.calibrate and not self.compile and next(self.source.parameters()).device.type == "cpu"
+        # Kernels are timed for eager runs on a CPU (a compiled graph runs inductor's kernels, not this dispatch):
+        # convolutions in fp32 (the GEMM path and the layout), GroupNorms on channels-last maps in any precision.
+        return (self.calibrate and not self.compile and next(self.source.parameters()).device.type == "cpu"
+                and (self.dtype is torch.float32 or self.channels_last))
 
     def _kernel_choices(self, x: torch.Tensor, fn) -> tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]:
         """The calibrated kernels for inputs shaped like `x`: per convolution shape, GEMM or oneDNN (fp32, where the
@@ -249,8 +253,11 @@ def prepare_for_inference(model: ResNetV2, precision: str = "fp32", channels_las
     channels_last: memory layout of the frozen copy; None picks the faster one: on a CPU in fp32, by timing the
     model's convolution shapes on the first call of each input shape (bigtransfer.model.kernelcal, cached on disk;
     BIGTRANSFER_CALIBRATE=0 turns it off), elsewhere channels-last.
-    calibrate: whether to time kernels (see channels_last); None: unless BIGTRANSFER_CALIBRATE=0. False gives
-    results that depend on the shapes only (GEMM_MAX_POSITIONS), never on timings.
+    calibrate: whether to time kernels on a CPU, on the first call of each input shape: in fp32 each convolution
+    shape (layout, GEMM or oneDNN; see channels_last), and in any precision each GroupNorm shape on channels-last
+    maps (its own kernel or through an NCHW copy: bigtransfer.model.normlayout); None: unless
+    BIGTRANSFER_CALIBRATE=0. False gives results that depend on the shapes only (GEMM_MAX_POSITIONS), never on
+    timings.
     compile: also torch.compile the frozen copy (slow first call; recompiles after a weight change).
     """
     fast = InferenceModel(model, precision, channels_last, compile, calibrate)

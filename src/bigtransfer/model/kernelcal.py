@@ -198,7 +198,7 @@ def load(path: Path, info: Mapping[str, str | int],
         return {}
     try:
         return _parse_times(json.loads(text), info, entries)
-    except ValueError as e:  # json.JSONDecodeError is a ValueError too
+    except (ValueError, RecursionError) as e:  # json.JSONDecodeError is a ValueError; RecursionError: deep nesting
         warnings.warn(f"{path}: ignoring the kernel calibration cache ({e}); measuring again", stacklevel=2)
         return {}
 
@@ -245,8 +245,10 @@ def measure_norm(key: NormKey, dtype: torch.dtype, timer: Timer | None = None) -
 def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None = None) -> frozenset[NormKey]:
     """The GroupNorm shapes (of `keys`) that run faster through an NCHW copy, in `dtype` on this machine: cached
     times, the missing shapes measured now and added to the cache."""
-    info = machine()
-    path = cache_file(info, kind=f"norm-{str(dtype).removeprefix('torch.')}")
+    keys = list(keys)
+    name = str(dtype).removeprefix("torch.")
+    info = {**machine(), "dtype": name}  # in the file's own check too, not only in its name
+    path = cache_file(info, kind=f"norm-{name}")
     times = load(path, info, NORM_ENTRIES)
     missing = [key for key in dict.fromkeys(keys) if key not in times]
     for key in missing:

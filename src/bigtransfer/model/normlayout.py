@@ -1,11 +1,12 @@
 """GroupNorm on channels-last maps through an NCHW copy, for the shapes where that is faster on the machine at hand.
 
 PyTorch's CPU GroupNorm has its own kernel for channels-last maps. Its speed against the NCHW kernel depends on the
-shape, the dtype and the CPU: on a 2-core Sapphire Rapids Xeon, in bf16, it ran 3-10x slower on R50x1's 128- and
-256-channel maps at 28x28 and 14x14 (4 and 8 channels per group) and as fast or faster elsewhere; in fp32 it won
-everywhere (benchmarks/RESULTS.md). So the inference path (`deploy.inference_model`) times both per shape
-(`model.kernelcal.norm_plan`) and runs a GroupNorm through an NCHW copy where that measured faster; its choices are in
-force inside `norm_layouts()`. Outside, a `LayoutGroupNorm` is exactly `nn.GroupNorm`.
+shape, the dtype and the CPU: on a 2-core Sapphire Rapids Xeon, in bf16, R50x1's 128- and 256-channel maps at 28x28
+and 14x14 (4 and 8 channels per group) ran 1.8-3.4x faster through an NCHW copy, copies included, and every other
+shape slower; in fp32 the channels-last kernel won everywhere (`benchmarks/bench_norm_layout.py`, RESULTS.md). So
+the inference path (`deploy.inference_model`) times both per shape (`model.kernelcal.norm_plan`) and runs a
+GroupNorm through an NCHW copy where that measured faster; its choices are in force inside `norm_layouts()`.
+Outside, a `LayoutGroupNorm` is exactly `nn.GroupNorm`.
 """
 
 from __future__ import annotations
@@ -71,10 +72,3 @@ class LayoutGroupNorm(nn.GroupNorm):
         if key in _NCHW.get():
             return group_norm_via_nchw(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
-
-    @classmethod
-    def like(cls, norm: nn.GroupNorm) -> LayoutGroupNorm:
-        """A LayoutGroupNorm with `norm`'s settings and (the same) parameters."""
-        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
-        new.weight, new.bias = norm.weight, norm.bias
-        return new
