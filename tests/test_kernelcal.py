@@ -406,3 +406,43 @@ def test_an_fp32_model_calibrated_to_nchw_times_no_group_norm(tmp_path, monkeypa
     fast = prepare_for_inference(ResNetV2("R14x0.5", 10).eval())
     fast(torch.rand(2, 3, 32, 32))
     assert not fast.channels_last
+
+
+def test_first_calls_from_several_threads_calibrate_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    plans = []
+    real = kernelcal.plan
+
+    def slow_plan(*a, **k):  # a wide window for a second thread to start calibrating too
+        plans.append(1)
+        time.sleep(0.2)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernelcal, "plan", slow_plan)
+    monkeypatch.setattr(kernelcal, "wall_time", _timer_preferring("nchw"))  # the first plan switches the layout
+    torch.manual_seed(0)
+    model = ResNetV2("R14x0.5", 10, zero_head=False).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = model(x)
+    fast = prepare_for_inference(model)
+    outs, errors = [], []
+
+    def call():
+        try:
+            outs.append(fast(x))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(outs) == 4 and plans == [1] and not fast.channels_last
+    for out in outs:
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4

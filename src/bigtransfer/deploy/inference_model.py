@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import torch
@@ -76,6 +77,12 @@ def native_precision(precision: str, device: torch.device) -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in _CPU_UNITS[precision])
+
+
+# Several threads' first calls of one shape: one calibrates (the first shape may switch the copy's layout), the others
+# wait for its plan rather than run on a copy being changed or time the kernels again. Module-level: calibration is
+# rare, and an InferenceModel stays deep-copyable.
+_CALIBRATION = threading.Lock()
 
 
 def _frozen_compile(fn):
@@ -195,28 +202,32 @@ class InferenceModel(nn.Module):
                 and (self.dtype is torch.float32 or self.channels_last))
 
     def _kernel_choices(self, x: torch.Tensor, fn) -> tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]:
-        """The calibrated kernels for inputs shaped like `x`: per convolution shape, GEMM or oneDNN (fp32, where the
-        GEMM path exists), and the GroupNorm shapes faster through an NCHW copy; the first shape also picks the
-        layout (fp32).
-
-        One forward pass records the shapes, kernelcal times those not cached yet, and the choices follow; the
-        layout is chosen once only, since a refill keeps the copy's layout.
-        """
+        """The calibrated kernels for inputs shaped like `x` (measured on the first call of the shape): per
+        convolution shape, GEMM or oneDNN (fp32, where the GEMM path exists), and the GroupNorm shapes faster
+        through an NCHW copy."""
         shape = tuple(x.shape)
-        if shape not in self._plans:
-            with torch.no_grad(), recording_convs() as convs, recording_norms() as norms:
-                self._call(fn, self._layout_input(x))
-            gemm = None
-            if self.dtype is torch.float32:
-                layouts = (True, False) if self._auto_layout and not self._plans else (self.channels_last,)
-                plan = kernelcal.plan(convs, layouts)
-                if plan.channels_last != self.channels_last:
-                    self.channels_last = plan.channels_last
-                    self.frozen.to(memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
-                gemm = plan.gemm
-            nchw = kernelcal.norm_plan(norms, self.dtype) if self.channels_last and norms else frozenset()
-            self._plans[shape] = (gemm, nchw)
+        if shape in self._plans:
+            return self._plans[shape]
+        with _CALIBRATION:
+            if shape not in self._plans:
+                self._plans[shape] = self._calibrate(x, fn)
         return self._plans[shape]
+
+    def _calibrate(self, x: torch.Tensor, fn) -> tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]:
+        """One forward pass records the shapes, kernelcal times those not cached yet, and the choices follow. The
+        first shape also picks the layout (fp32), once only, since a refill keeps the copy's layout."""
+        with torch.no_grad(), recording_convs() as convs, recording_norms() as norms:
+            self._call(fn, self._layout_input(x))
+        gemm = None
+        if self.dtype is torch.float32:
+            layouts = (True, False) if self._auto_layout and not self._plans else (self.channels_last,)
+            plan = kernelcal.plan(convs, layouts)
+            if plan.channels_last != self.channels_last:
+                self.channels_last = plan.channels_last
+                self.frozen.to(memory_format=torch.channels_last if plan.channels_last else torch.contiguous_format)
+            gemm = plan.gemm
+        nchw = kernelcal.norm_plan(norms, self.dtype) if self.channels_last and norms else frozenset()
+        return gemm, nchw
 
     def _layout_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
