@@ -275,20 +275,22 @@ def training_models(arch: str, which: list[str]) -> dict[str, tuple[torch.nn.Mod
     return out
 
 
-def with_training_kernels(step: Step, model: torch.nn.Module, x: torch.Tensor) -> Step:
-    """`step` with each convolution on the kernel measured faster for its forward + backward (the training loops'
-    `kernelcal.TrainingKernels`; the first call measures the shapes the machine's cache lacks)."""
-    kernels = kernelcal.TrainingKernels(None)
+def with_training_kernels(step: Step, model: torch.nn.Module, x: torch.Tensor, precision: str) -> Step:
+    """`step` with each convolution and GroupNorm on the kernel measured faster for its forward + backward (the
+    training loops' `kernelcal.TrainingKernels`; the first call measures the shapes the machine's cache lacks)."""
+    kernels = kernelcal.TrainingKernels(None, dtype=PRECISIONS[precision])
 
     def run():
-        with gemmconv.kernel_choices(kernels.choices(model, x), backward=True):
+        with (gemmconv.kernel_choices(kernels.choices(model, x), backward=True),
+              normlayout.norm_layouts(kernels.norms(model, x))):
             return step()
     return run
 
 
 # Our training candidates: "ours" is the model as bigtransfer's fine-tuning, distillation and pre-training loops
 # train it (channels-last, each convolution on its measured kernel); the others take one of those choices away
-# ("ours-rule": the fixed GEMM_MAX_POSITIONS rule instead of the measurement), or add activation checkpointing.
+# ("ours-rule": the fixed GEMM_MAX_POSITIONS rule and channels-last GroupNorms instead of the measurements), or add
+# activation checkpointing.
 TRAIN_CANDIDATES = ["hf", "ours", "ours-rule", "ours-nchw", "ours-nogemm", "ours-ckpt"]
 NCHW_CANDIDATES = ("hf", "timm", "ours-nchw")
 
@@ -300,7 +302,7 @@ def candidate_step(name: str, model: torch.nn.Module, forward: Callable, x: torc
     if name == "ours-nogemm":
         return without_gemm(step)
     if name in ("ours", "ours-ckpt"):
-        return with_training_kernels(step, model, x)
+        return with_training_kernels(step, model, x, precision)
     return step
 
 

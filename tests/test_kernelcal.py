@@ -250,7 +250,7 @@ def test_a_resumed_run_follows_its_file_not_the_environment(tmp_path, monkeypatc
     x, run = torch.rand(2, 3, 32, 32), tmp_path / "kernels.json"
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")  # a run started with measuring off records the rule
     assert kernelcal.TrainingKernels(run, keep=False, timer=never).choices(model, x) is None
-    assert json.loads(run.read_text()) == {"plans": [{"input": [2, 3, 32, 32], "convs": None}]}
+    assert json.loads(run.read_text()) == {"plans": [{"input": [2, 3, 32, 32], "convs": None, "norms": []}]}
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")  # resumed with measuring on: still the rule, as it trained
     assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None
     run.unlink()  # a run saved before kernels.json existed trained by the rule: it keeps it
@@ -268,7 +268,7 @@ def test_norm_plan_follows_the_timer_and_caches_per_dtype(tmp_path, monkeypatch)
     table = {("cl", N1): 2.0, ("nchw", N1): 1.0, ("cl", N2): 1.0, ("nchw", N2): 3.0}
     calls: list = []
     assert kernelcal.norm_plan([N1, N2, N1], torch.bfloat16, fake_timer(table, calls)) == {N1}
-    assert sorted(calls) == sorted(table)  # each shape timed once, both ways
+    assert sorted(calls) == sorted([*table, *table])  # each shape timed twice both ways (two rounds)
     never = fake_timer({})  # a KeyError if asked: the cache answers
     assert kernelcal.norm_plan([N2, N1], torch.bfloat16, never) == {N1}
     assert kernelcal.norm_plan([N2], torch.bfloat16, never) == frozenset()
@@ -307,10 +307,18 @@ def test_measure_norm_times_both_ways_on_real_data():
         return {"cl": 1.0, "nchw": 2.0}[label[0]]
 
     assert kernelcal.measure_norm(N1, torch.float32, timer) == {"cl": 1.0, "nchw": 2.0}
+    rounds = iter([3.0, 2.0, 1.0, 4.0])  # cl, nchw, then nchw, cl: each way's best of its two
+    assert kernelcal.measure_norm(N1, torch.float32, lambda fn, label: next(rounds)) == {"cl": 3.0, "nchw": 1.0}
     assert outs["cl"].shape == outs["nchw"].shape == N1[:4]
     assert outs["cl"].is_contiguous(memory_format=torch.channels_last)
     assert outs["nchw"].is_contiguous(memory_format=torch.channels_last)  # the copy comes back channels-last
     assert torch.allclose(outs["cl"], outs["nchw"], atol=1e-5)  # the same GroupNorm either way
+
+
+def test_a_near_tie_keeps_the_channels_last_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
+    table = {("cl", N1): 1.0, ("nchw", N1): 0.95, ("cl", N2): 1.0, ("nchw", N2): 0.85}
+    assert kernelcal.norm_plan([N1, N2], torch.bfloat16, fake_timer(table)) == {N2}
 
 
 def test_norm_plan_takes_any_iterable(tmp_path, monkeypatch):
@@ -386,7 +394,7 @@ def test_frozen_copy_keeps_group_norm_hooks_and_refresh_keeps_the_dispatch():
     calls = []
     model.norm.register_forward_hook(lambda m, i, o: calls.append(1))
     frozen = frozen_copy(model)
-    assert isinstance(frozen.norm, normlayout.LayoutGroupNorm) and type(model.norm) is torch.nn.GroupNorm
+    assert isinstance(frozen.norm, normlayout.LayoutGroupNorm) and isinstance(model.norm, torch.nn.GroupNorm)
     assert list(frozen.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         frozen(torch.rand(1, 3, 32, 32))
@@ -446,3 +454,71 @@ def test_first_calls_from_several_threads_calibrate_once(tmp_path, monkeypatch):
     assert not errors and len(outs) == 4 and plans == [1] and not fast.channels_last
     for out in outs:
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def _train_step_norm_copies(monkeypatch, kernels, precision: str = "fp32"):
+    """GroupNorms through an NCHW copy, and the gradients, of one training step of a fixed tiny model."""
+    from bigtransfer.engine.step import accumulate_and_step
+
+    copies = []
+    real = normlayout.group_norm_via_nchw
+    monkeypatch.setattr(normlayout, "group_norm_via_nchw", lambda *a: copies.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    model = ResNetV2("R14x0.5", 3, zero_head=False).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    accumulate_and_step(model, opt, [(x, y)], lambda out, t: torch.nn.functional.cross_entropy(out.float(), t),
+                        device=torch.device("cpu"), precision=precision, kernels=kernels)
+    return len(copies), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _norm_timer_preferring(prefer: str) -> kernelcal.Timer:
+    """GroupNorm labels (5-number keys) follow `prefer`; convolutions keep oneDNN."""
+    return lambda fn, label: (1.0 if label[0] == prefer else 2.0) if len(label[1]) == 5 else (
+        1.0 if label[0] == "cl" else 2.0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_group_norms_follow_the_forward_backward_measurement_and_the_run_keeps_it(tmp_path, monkeypatch,
+                                                                                           precision):
+    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path / "cache"))
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    run = tmp_path / "kernels.json"
+    labels = []
+
+    def timer(fn, label):
+        labels.append(label)
+        return _norm_timer_preferring("nchw")(fn, label)
+
+    copies, grads = _train_step_norm_copies(monkeypatch, kernelcal.TrainingKernels(run, keep=False, timer=timer,
+                                                                                    dtype=dtype), precision)
+    assert copies > 0 and any(len(key) == 5 for _, key in labels)
+    assert any(len(key) == 8 for _, key in labels) == (precision == "fp32")  # convolutions timed in fp32 runs only
+    saved = json.loads(run.read_text())["plans"][0]
+    assert saved["norms"] and all(len(k) == 5 for k in saved["norms"])
+    assert (saved["convs"] is None) == (precision == "bf16")
+    none, rule_grads = _train_step_norm_copies(monkeypatch, None, precision)
+    assert none == 0
+    tol = 1e-4 if precision == "fp32" else 5e-2
+    for name, g in rule_grads.items():  # the same step either way, up to rounding
+        assert (grads[name] - g).abs().max().item() <= tol * max(g.abs().max().item(), 1e-3), name
+    # Resumed: the run's own choices, whatever the timer or the machine's cache now say.
+    never = lambda fn, label: pytest.fail("measured")  # noqa: E731
+    assert _train_step_norm_copies(monkeypatch, kernelcal.TrainingKernels(run, timer=never, dtype=dtype),
+                                   precision)[0] == copies
+    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path / "another-machine"))  # a fresh run where the copy loses
+    fresh = kernelcal.TrainingKernels(tmp_path / "other.json", keep=False, timer=_norm_timer_preferring("cl"),
+                                      dtype=dtype)
+    assert _train_step_norm_copies(monkeypatch, fresh, precision)[0] == 0
+
+
+def test_a_kernel_file_saved_before_group_norm_choices_keeps_channels_last_group_norms(tmp_path):
+    run = tmp_path / "kernels.json"
+    run.write_text(json.dumps({"plans": [{"input": [2, 3, 32, 32], "convs": None}]}))
+    kernels = kernelcal.TrainingKernels(run, timer=lambda fn, label: pytest.fail("measured"))
+    model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last)
+    assert kernels.norms(model, torch.rand(2, 3, 32, 32)) == frozenset()
+    run.write_text(json.dumps({"plans": [{"input": [2, 3, 32, 32], "convs": None, "norms": [[2, 64]]}]}))
+    with pytest.raises(UserError, match="not a kernel choice file of a run"):
+        kernelcal.TrainingKernels(run)

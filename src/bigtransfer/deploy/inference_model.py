@@ -12,7 +12,7 @@ from torch import nn
 from ..engine.device import PRECISIONS, check_precision
 from ..model import kernelcal
 from ..model.gemmconv import ConvKey, kernel_choices, recording_convs
-from ..model.normlayout import LayoutGroupNorm, NormKey, norm_layouts, recording_norms
+from ..model.normlayout import NormKey, norm_layouts, recording_norms
 from ..model.resnetv2 import PlainConv2d, ResNetV2, StdConv2d
 
 
@@ -45,15 +45,12 @@ def _plain_conv(m: StdConv2d) -> PlainConv2d:
 
 
 def frozen_copy(model: ResNetV2) -> ResNetV2:
-    """A copy of `model` whose standardized convs are plain convs holding the standardized kernels, and whose
-    GroupNorms follow the measured layout choices (`model.normlayout`)."""
+    """A copy of `model` whose standardized convs are plain convs holding the standardized kernels."""
     frozen = copy.deepcopy(model)
     for name, m in list(frozen.named_modules()):
         if isinstance(m, StdConv2d):
             parent, _, child = name.rpartition(".")
             setattr(frozen.get_submodule(parent) if parent else frozen, child, _plain_conv(m))
-        elif type(m) is nn.GroupNorm:  # the same module, parameters and hooks, with the layout dispatch
-            m.__class__ = LayoutGroupNorm
     frozen.load_state_dict(_standardized_state(model))
     return frozen.eval().requires_grad_(False)
 

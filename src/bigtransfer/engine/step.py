@@ -27,6 +27,7 @@ import torch
 
 from ..model.gemmconv import kernel_choices
 from ..model.kernelcal import TrainingKernels
+from ..model.normlayout import norm_layouts
 from .device import autocast
 
 Batch = tuple[torch.Tensor, Any]
@@ -55,7 +56,8 @@ def accumulate_and_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer
         if prepare is not None:
             x, target = prepare(q, x, target)
         # Backward inside the choices too: activation checkpointing recomputes the forward pass there.
-        with kernel_choices(kernels.choices(model, x) if kernels is not None else None, backward=True):
+        with (kernel_choices(kernels.choices(model, x) if kernels is not None else None, backward=True),
+              norm_layouts(kernels.norms(model, x) if kernels is not None else frozenset())):
             with sync(q) if sync is not None else contextlib.nullcontext(), autocast(device, precision):
                 loss = loss_fn(model(x), target)
             backward = loss / divisor if divisor is not None else loss

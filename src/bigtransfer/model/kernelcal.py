@@ -43,13 +43,16 @@ import torch.nn.functional as F
 from ..core.atomic import write_text
 from ..core.errors import UserError
 from .gemmconv import ConvKey, gemm_applies, gemm_conv2d, recording_convs
-from .normlayout import NormKey, group_norm_via_nchw
+from .normlayout import NormKey, group_norm_via_nchw, recording_norms
 
 ENV = "BIGTRANSFER_CALIBRATE"
 FORMAT = 1
 CANDIDATES = ("nchw", "cl", "gemm")  # gemm: on channels-last maps; None where it does not apply (nchw: not timed
 # for training, which keeps its channels-last layout)
 NORM_CANDIDATES = ("cl", "nchw")  # GroupNorm of a channels-last map: its own kernel, or through an NCHW copy
+# The copy must measure at least this much faster: timed alone it does not show the cache its two copies evict for
+# the layers around it, and a near tie is not worth a layout change.
+NCHW_MARGIN = 0.9
 # Timer: (the call to time, (candidate, shape)) -> seconds. The label lets a test answer without timing anything.
 Timer = Callable[[Callable[[], object], tuple[str, tuple[int, ...]]], float]
 Times = dict[tuple[int, ...], dict[str, float | None]]
@@ -230,58 +233,82 @@ def plan(keys: Iterable[ConvKey], layouts: Iterable[bool] = (True, False), timer
     return choose(counts, times, tuple(layouts))
 
 
-def measure_norm(key: NormKey, dtype: torch.dtype, timer: Timer | None = None) -> dict[str, float | None]:
+def measure_norm(key: NormKey, dtype: torch.dtype, timer: Timer | None = None,
+                 backward: bool = False) -> dict[str, float | None]:
     """Seconds per call of GroupNorm on a channels-last map of this shape and dtype: its own kernel ("cl") and
-    through an NCHW copy ("nchw", both copies counted)."""
+    through an NCHW copy ("nchw", both copies counted); with `backward`, forward + backward (gradients of the input
+    and of the float32 parameters, as in an autocast run)."""
     timer = timer or wall_time
     n, c, h, w, groups = key
-    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.randn(c).to(dtype), torch.randn(c).to(dtype)
-    with torch.no_grad():
-        return {"cl": timer(lambda: F.group_norm(x, groups, weight, bias), ("cl", key)),
-                "nchw": timer(lambda: group_norm_via_nchw(x, groups, weight, bias, 1e-5), ("nchw", key))}
+    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_(backward)
+    weight, bias = (torch.randn(c).to(torch.float32 if backward else dtype).requires_grad_(backward) for _ in "wb")
+    grad = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def call(norm: Callable[..., torch.Tensor]) -> Callable[[], object]:
+        run = lambda: norm(x, groups, weight, bias, 1e-5)  # noqa: E731
+        return (lambda: torch.autograd.grad(run(), (x, weight, bias), grad)) if backward else run
+
+    calls = {"cl": call(F.group_norm), "nchw": call(group_norm_via_nchw)}
+    best = {name: math.inf for name in calls}
+    with torch.set_grad_enabled(backward):
+        # Two rounds in opposite orders: a slow moment of the machine then hits both ways, not one (a wrong choice
+        # can cost 10x: the copies of a large map).
+        for name in (*calls, *reversed(calls)):
+            best[name] = min(best[name], timer(calls[name], (name, key)))
+    return best  # type: ignore[return-value]
 
 
-def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None = None) -> frozenset[NormKey]:
-    """The GroupNorm shapes (of `keys`) that run faster through an NCHW copy, in `dtype` on this machine: cached
-    times, the missing shapes measured now and added to the cache."""
+def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None = None,
+              backward: bool = False) -> frozenset[NormKey]:
+    """The GroupNorm shapes (of `keys`) that run faster through an NCHW copy, in `dtype` on this machine (with
+    `backward`: forward + backward): cached times, the missing shapes measured now and added to the cache."""
     keys = list(keys)
     name = str(dtype).removeprefix("torch.")
     info = {**machine(), "dtype": name}  # in the file's own check too, not only in its name
-    path = cache_file(info, kind=f"norm-{name}")
+    path = cache_file(info, backward, kind=f"norm-{name}")
     times = load(path, info, NORM_ENTRIES)
     missing = [key for key in dict.fromkeys(keys) if key not in times]
     for key in missing:
-        times[key] = measure_norm(key, dtype, timer)
+        times[key] = measure_norm(key, dtype, timer, backward)
     if missing:
         save(path, info, times)
-    return frozenset(k for k in keys if times[k]["nchw"] < times[k]["cl"])  # type: ignore[operator]
+    return frozenset(k for k in keys if times[k]["nchw"] < NCHW_MARGIN * times[k]["cl"])  # type: ignore[operator]
+
+
+# What a training run uses for one input shape: per convolution shape GEMM or not (None: the shape rule), and the
+# GroupNorm shapes that run through an NCHW copy.
+TrainingPlan = tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]
 
 
 class TrainingKernels:
-    """The calibrated kernel of each convolution of a training run, per input shape, kept in RUN/kernels.json.
+    """The calibrated kernels of a training run, per input shape, kept in RUN/kernels.json.
 
-    `choices(model, x)`, before micro-batch `x`'s forward pass: for a new input shape, one forward pass without
-    gradients records the model's convolutions, `plan(..., backward=True)` chooses between oneDNN and the GEMM
-    for each, and the choices are saved. None (the shape rule) where there is nothing to choose (not fp32
-    channels-last on a CPU: the model's first kernel tells) or where measuring is off (`measure` False, which the
-    loop passes for autocast runs and torchrun runs, or BIGTRANSFER_CALIBRATE=0 when the run started); that is
-    saved too. A resumed run (`keep`) follows the file,
-    whatever the environment says now, and a run saved before the file existed keeps the shape rule.
+    `choices(model, x)` (convolutions) and `norms(model, x)` (GroupNorms), before micro-batch `x`'s forward pass:
+    for a new input shape, one forward pass without gradients records the model's convolutions and GroupNorms;
+    `plan(..., backward=True)` chooses between oneDNN and the GEMM for each convolution (fp32 runs: the GEMM path
+    computes fp32 only) and `norm_plan(..., backward=True)` between GroupNorm's channels-last kernel and an NCHW
+    copy (in the run's compute dtype); the choices are saved. Nothing is chosen where there is nothing to choose
+    (not channels-last on a CPU: the model's first kernel tells) or where measuring is off (`measure` False, which
+    the loop passes for torchrun runs, or BIGTRANSFER_CALIBRATE=0 when the run started): the shape rule and
+    channels-last GroupNorms, saved too. A resumed run (`keep`) follows the file, whatever the environment says
+    now; a run saved before the file existed keeps the shape rule, one saved before it held GroupNorm choices
+    keeps channels-last GroupNorms.
     """
 
-    def __init__(self, path: Path | None, keep: bool = True, timer: Timer | None = None, measure: bool = True) -> None:
-        """`path`: the run's kernels.json (None: nothing saved); `keep`: reuse its choices (a resumed run)."""
-        self.path, self.timer = path, timer
+    def __init__(self, path: Path | None, keep: bool = True, timer: Timer | None = None, measure: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        """`path`: the run's kernels.json (None: nothing saved); `keep`: reuse its choices (a resumed run); `dtype`:
+        what the run computes in (its autocast dtype, else float32)."""
+        self.path, self.timer, self.dtype = path, timer, dtype
         self.measure = measure and enabled()
-        self.plans: dict[tuple[int, ...], dict[ConvKey, bool] | None] = {}
+        self.plans: dict[tuple[int, ...], TrainingPlan] = {}
         if path is not None and keep:
             if path.exists():
                 self.plans, self.measure = self._read(), False
             else:  # a state saved by a version that always trained by the shape rule
                 self.measure = False
 
-    def _read(self) -> dict[tuple[int, ...], dict[ConvKey, bool] | None]:
+    def _read(self) -> dict[tuple[int, ...], TrainingPlan]:
         assert self.path is not None
 
         def ints(v: object, n: int) -> list[int]:
@@ -289,42 +316,53 @@ class TrainingKernels:
                 raise ValueError(f"expected {n} integers >= 0, got {v!r}")
             return v
 
-        def entry(e: dict) -> tuple[tuple[int, ...], dict[ConvKey, bool] | None]:
-            convs = e["convs"]
+        def entry(e: dict) -> tuple[tuple[int, ...], TrainingPlan]:
+            shape, convs = tuple(ints(e["input"], 4)), e["convs"]
+            norms = frozenset(tuple(ints(k, 5)) for k in e.get("norms", []))  # absent: saved before they existed
             if convs is None:
-                return tuple(ints(e["input"], 4)), None
+                return shape, (None, norms)  # type: ignore[return-value]
             rows = [ints(c, 9) for c in convs]
             if any(r[8] > 1 for r in rows):
                 raise ValueError("a choice is not 0 or 1")
-            return tuple(ints(e["input"], 4)), {tuple(r[:8]): bool(r[8]) for r in rows}  # type: ignore[misc]
+            return shape, ({tuple(r[:8]): bool(r[8]) for r in rows}, norms)  # type: ignore[return-value]
 
         try:
             return dict(entry(e) for e in json.loads(self.path.read_text(encoding="utf-8"))["plans"])
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise UserError(f"{self.path}: not a kernel choice file of a run ({e}); delete it to resume with the "
                             "kernels measured now (the resumed run then differs by float rounding)") from None
 
     def _write(self) -> None:
         if self.path is None:
             return
-        doc = {"plans": [{"input": list(shape), "convs": None if plan is None else
-                          [[*key, int(gemm)] for key, gemm in sorted(plan.items())]}
-                         for shape, plan in sorted(self.plans.items())]}
+        doc = {"plans": [{"input": list(shape), "convs": None if gemm is None else
+                          [[*key, int(g)] for key, g in sorted(gemm.items())], "norms": sorted(map(list, norms))}
+                         for shape, (gemm, norms) in sorted(self.plans.items())]}
         write_text(self.path, json.dumps(doc))
 
     def choices(self, model: torch.nn.Module, x: torch.Tensor) -> dict[ConvKey, bool] | None:
+        """Per convolution shape, whether it runs as a GEMM (None: the shape rule)."""
+        return self._plan(model, x)[0]
+
+    def norms(self, model: torch.nn.Module, x: torch.Tensor) -> frozenset[NormKey]:
+        """The GroupNorm shapes that run through an NCHW copy."""
+        return self._plan(model, x)[1]
+
+    def _plan(self, model: torch.nn.Module, x: torch.Tensor) -> TrainingPlan:
         shape = tuple(x.shape)
         if shape not in self.plans:
-            self.plans[shape] = self._measure(model, x) if self.measure else None
+            self.plans[shape] = self._measure(model, x) if self.measure else (None, frozenset())
             self._write()
         return self.plans[shape]
 
-    def _measure(self, model: torch.nn.Module, x: torch.Tensor) -> dict[ConvKey, bool] | None:
+    def _measure(self, model: torch.nn.Module, x: torch.Tensor) -> TrainingPlan:
         kernel = next((p for p in model.parameters() if p.dim() == 4), None)
-        # The GEMM path runs fp32 channels-last maps on a CPU only; elsewhere every layer stays with F.conv2d.
-        if (kernel is None or x.device.type != "cpu" or kernel.dtype != torch.float32 or kernel.is_contiguous()
+        # Choices exist for channels-last models on a CPU only; elsewhere F.conv2d and GroupNorm's own kernel.
+        if (kernel is None or x.device.type != "cpu" or kernel.is_contiguous()
                 or not kernel.is_contiguous(memory_format=torch.channels_last)):
-            return None
-        with torch.no_grad(), recording_convs() as seen:
+            return None, frozenset()
+        with torch.no_grad(), recording_convs() as convs, recording_norms() as norms:
             model(x)
-        return plan(seen, (True,), self.timer, backward=True).gemm
+        # The GEMM path computes fp32 only: an autocast run keeps F.conv2d (the shape rule leaves it there).
+        gemm = plan(convs, (True,), self.timer, backward=True).gemm if self.dtype is torch.float32 else None
+        return gemm, norm_plan(norms, self.dtype, self.timer, backward=True)

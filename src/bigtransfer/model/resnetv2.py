@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.errors import UserError
 from .gemmconv import conv2d
 from .memory import check_fits, parameter_count
-from .normlayout import channels_last_map
+from .normlayout import LayoutGroupNorm, channels_last_map
 
 # The authors' release standardizes with eps 1e-10; timm and HF transformers use 1e-8.
 WS_EPS_RELEASE = 1e-10
@@ -173,8 +173,9 @@ class PlainConv2d(nn.Conv2d):
         return _conv(self, x, self.weight)
 
 
-def _gn(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GN_GROUPS, channels, eps=GN_EPS)
+def _gn(channels: int) -> LayoutGroupNorm:
+    # nn.GroupNorm, plus the measured choice of kernel on channels-last maps (model/normlayout.py).
+    return LayoutGroupNorm(GN_GROUPS, channels, eps=GN_EPS)
 
 
 class PreActBottleneck(nn.Module):

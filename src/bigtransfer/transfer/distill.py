@@ -325,9 +325,9 @@ class _Distillation(_Training):
         self.eval_loader = (make_loader(ImageDataset(self.data.eval, eval_transform(c.resolution)),
                                         c.eval_batch or self.micro, shuffle=False, workers=c.workers)
                             if self.data.eval else None)
-        # Measured kernels for fp32 runs: the GEMM path computes fp32 only (autocast runs keep F.conv2d).
+        # Measured kernels, in what the run computes in (the GEMM path only for fp32: kernelcal.TrainingKernels).
         self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume,
-                                       measure=autocast_dtype(c.precision) is None)
+                                       dtype=autocast_dtype(c.precision) or torch.float32)
         self.open_log(resume)
 
     def update(self, step: int, micro_batches: Iterable[Any]) -> tuple[float, float, dict[str, Any]]:

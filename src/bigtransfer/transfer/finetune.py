@@ -372,9 +372,9 @@ class _Training:
         self.train_loader = make_loader(train_ds, c.batch, shuffle=True, seed=c.seed, workers=c.workers,
                                         start_step=self.start, steps=plan.end, batch_split=c.batch_split)
         self.eval_loader = make_loader(eval_ds, c.eval_batch or self.micro, shuffle=False, workers=c.workers)
-        # Measured kernels for fp32 runs: the GEMM path computes fp32 only (autocast runs keep F.conv2d).
+        # Measured kernels, in what the run computes in (the GEMM path only for fp32: kernelcal.TrainingKernels).
         self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume,
-                                       measure=autocast_dtype(c.precision) is None)
+                                       dtype=autocast_dtype(c.precision) or torch.float32)
         self.open_log(resume)
 
     def open_log(self, resume: bool) -> None:

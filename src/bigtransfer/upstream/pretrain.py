@@ -440,11 +440,11 @@ class _Pretraining:
     def open(self) -> None:
         """config.json, the log, what the log held before the start update, and the batches from there on."""
         config, env, plan, out, start = self.config, self.env, self.plan, self.out, self.start
-        # Measured kernels for one fp32 process only: ranks measuring apart could choose apart, and a resumed rank
+        # Measured kernels for one process only: ranks measuring apart could choose apart, and a resumed rank
         # could choose otherwise than before. Rank 0 keeps the choices (the rule's, for several) in the run folder.
         def open_kernels() -> None:
-            self.kernels = TrainingKernels(self.rundir.kernels_file, keep=start > 0,
-                                           measure=env.world_size == 1 and autocast_dtype(config.precision) is None)
+            self.kernels = TrainingKernels(self.rundir.kernels_file, keep=start > 0, measure=env.world_size == 1,
+                                           dtype=autocast_dtype(config.precision) or torch.float32)
 
         self.kernels = TrainingKernels(None, measure=False)  # the other ranks: the shape rule
         _main_first(env, open_kernels)  # a damaged kernels.json stops every rank
