@@ -11,9 +11,10 @@ Never slower than plain F.conv2d on the same layout, by construction: a layer go
 GEMM time was below its F.conv2d time on that layout, and a layout is chosen only when its total (each layer at
 its chosen kernel) is the lowest.
 
-GroupNorm (`norm_plan`, inference only): PyTorch's channels-last CPU GroupNorm is much slower than its NCHW kernel on
-some shapes and dtypes (`model.normlayout`), so each GroupNorm shape on a channels-last map is timed on that kernel
-and through an NCHW copy, per dtype, in a cache file of its own; the copy is used where it measured faster.
+GroupNorm (`norm_plan`): PyTorch's channels-last CPU GroupNorm is much slower than its NCHW kernel on some shapes and
+dtypes (`model.normlayout`), so each GroupNorm shape on a channels-last map is timed on that kernel and through an
+NCHW copy (forward only for inference, forward + backward for training), per dtype, in cache files of their own; the
+copy is used where it measured clearly faster.
 
 Training (`TrainingKernels`, used by every training loop through `engine.step.accumulate_and_step`) does the same
 with forward + backward times, in a cache file of its own, on the layout the run trains in. Its choices are also
