@@ -347,4 +347,6 @@ def test_a_resumed_run_keeps_its_measured_kernels_whatever_the_machine_says_late
     monkeypatch.setattr(kernelcal, "wall_time", lambda fn, label: 1.0 if len(label[1]) == 5 else pytest.fail(
         "a bf16 run timed a convolution"))
     run_finetune(tiny(folder, tmp_path / "bf16", precision="bf16", steps=1, batch=4))
-    assert all(p["convs"] is None for p in json.loads((tmp_path / "bf16" / "kernels.json").read_text())["plans"])
+    plans = json.loads((tmp_path / "bf16" / "kernels.json").read_text())["plans"]
+    assert plans and all(p["convs"] is None and "norms" in p for p in plans)
+    assert list((tmp_path / "cache" / "kernels").glob("norm-bfloat16-train-*.json"))  # its GroupNorms, in bf16

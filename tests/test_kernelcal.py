@@ -345,7 +345,9 @@ def test_layout_group_norm_is_group_norm_either_way(dtype, tol, monkeypatch):
         with normlayout.recording_norms() as seen, normlayout.norm_layouts(frozenset({N2})):
             out = norm(x)
             assert torch.equal(norm(x.contiguous()), plain(x.contiguous()))  # NCHW maps: not dispatched
-    assert seen == [N2] and via_nchw == [1]  # only the channels-last call in the chosen set took the NCHW copy
+        with normlayout.norm_layouts(frozenset({N2})):  # off the CPU (here: meta tensors) no choice applies
+            assert norm.to("meta")(x.to("meta")).device.type == "meta"
+    assert seen == [N2] and via_nchw == [1]  # only the channels-last CPU call in the chosen set took the NCHW copy
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert (out.float() - ref).abs().max().item() < tol * ref.abs().max().item()
 
@@ -391,10 +393,12 @@ def test_frozen_copy_keeps_group_norm_hooks_and_refresh_keeps_the_dispatch():
     from bigtransfer.deploy.inference_model import frozen_copy
 
     model = ResNetV2("R14x0.5", 10).eval()
+    assert type(model.norm) is normlayout.LayoutGroupNorm  # every model is built with them
+    model.norm.__class__ = torch.nn.GroupNorm  # as a model from before, or with a user's module swap, has it
     calls = []
     model.norm.register_forward_hook(lambda m, i, o: calls.append(1))
     frozen = frozen_copy(model)
-    assert isinstance(frozen.norm, normlayout.LayoutGroupNorm) and isinstance(model.norm, torch.nn.GroupNorm)
+    assert type(frozen.norm) is normlayout.LayoutGroupNorm and type(model.norm) is torch.nn.GroupNorm
     assert list(frozen.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         frozen(torch.rand(1, 3, 32, 32))
@@ -456,7 +460,7 @@ def test_first_calls_from_several_threads_calibrate_once(tmp_path, monkeypatch):
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
-def _train_step_norm_copies(monkeypatch, kernels, precision: str = "fp32"):
+def _train_step_norm_copies(monkeypatch, kernels, precision: str = "fp32", checkpointing: bool = False):
     """GroupNorms through an NCHW copy, and the gradients, of one training step of a fixed tiny model."""
     from bigtransfer.engine.step import accumulate_and_step
 
@@ -465,6 +469,7 @@ def _train_step_norm_copies(monkeypatch, kernels, precision: str = "fp32"):
     monkeypatch.setattr(normlayout, "group_norm_via_nchw", lambda *a: copies.append(a[0].shape) or real(*a))
     torch.manual_seed(0)
     model = ResNetV2("R14x0.5", 3, zero_head=False).to(memory_format=torch.channels_last)
+    model.set_grad_checkpointing(checkpointing)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
     accumulate_and_step(model, opt, [(x, y)], lambda out, t: torch.nn.functional.cross_entropy(out.float(), t),
@@ -494,6 +499,7 @@ def test_training_group_norms_follow_the_forward_backward_measurement_and_the_ru
     copies, grads = _train_step_norm_copies(monkeypatch, kernelcal.TrainingKernels(run, keep=False, timer=timer,
                                                                                     dtype=dtype), precision)
     assert copies > 0 and any(len(key) == 5 for _, key in labels)
+    assert list((tmp_path / "cache" / "kernels").glob(f"norm-{str(dtype)[6:]}-train-*.json"))  # timed in its dtype
     assert any(len(key) == 8 for _, key in labels) == (precision == "fp32")  # convolutions timed in fp32 runs only
     saved = json.loads(run.read_text())["plans"][0]
     assert saved["norms"] and all(len(k) == 5 for k in saved["norms"])
@@ -503,6 +509,11 @@ def test_training_group_norms_follow_the_forward_backward_measurement_and_the_ru
     tol = 1e-4 if precision == "fp32" else 5e-2
     for name, g in rule_grads.items():  # the same step either way, up to rounding
         assert (grads[name] - g).abs().max().item() <= tol * max(g.abs().max().item(), 1e-3), name
+    # Activation checkpointing recomputes the forward pass inside the same choices: twice the copies, same step.
+    twice, ckpt_grads = _train_step_norm_copies(monkeypatch, kernelcal.TrainingKernels(run, dtype=dtype), precision,
+                                                checkpointing=True)
+    assert twice == 2 * copies
+    assert all(torch.equal(ckpt_grads[n], g) for n, g in grads.items())
     # Resumed: the run's own choices, whatever the timer or the machine's cache now say.
     never = lambda fn, label: pytest.fail("measured")  # noqa: E731
     assert _train_step_norm_copies(monkeypatch, kernelcal.TrainingKernels(run, timer=never, dtype=dtype),

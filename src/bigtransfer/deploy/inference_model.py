@@ -12,7 +12,7 @@ from torch import nn
 from ..engine.device import PRECISIONS, check_precision
 from ..model import kernelcal
 from ..model.gemmconv import ConvKey, kernel_choices, recording_convs
-from ..model.normlayout import NormKey, norm_layouts, recording_norms
+from ..model.normlayout import LayoutGroupNorm, NormKey, norm_layouts, recording_norms
 from ..model.resnetv2 import PlainConv2d, ResNetV2, StdConv2d
 
 
@@ -51,6 +51,8 @@ def frozen_copy(model: ResNetV2) -> ResNetV2:
         if isinstance(m, StdConv2d):
             parent, _, child = name.rpartition(".")
             setattr(frozen.get_submodule(parent) if parent else frozen, child, _plain_conv(m))
+        elif type(m) is nn.GroupNorm:  # a model built (or unpickled) with plain GroupNorms: the same module, hooks
+            m.__class__ = LayoutGroupNorm  # and parameters, with the measured layout dispatch
     frozen.load_state_dict(_standardized_state(model))
     return frozen.eval().requires_grad_(False)
 

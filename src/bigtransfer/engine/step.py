@@ -46,7 +46,8 @@ def accumulate_and_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer
     `prepare(q, x, target)` may replace micro-batch q's input and target on the device before the forward pass;
     `sync(q)` is entered around micro-batch q's forward pass; the loss backpropagated is loss / `divisor` when one
     is given; `clip_norm` clips the gradients' global norm (after unscaling them) before the update; `kernels`
-    picks each convolution's kernel by measurement (`model.kernelcal.TrainingKernels`; none: the shape rule).
+    picks each convolution's and GroupNorm's kernel by measurement (`model.kernelcal.TrainingKernels`; none:
+    the shape rule and channels-last GroupNorms).
     """
     optimizer.zero_grad(set_to_none=True)
     losses = []

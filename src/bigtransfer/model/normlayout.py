@@ -63,8 +63,9 @@ class LayoutGroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and state dict) that follows `norm_layouts()` on channels-last maps."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A compiled graph (inductor) brings its own GroupNorm code: no dispatch to trace there.
-        if torch.compiler.is_compiling() or not channels_last_map(x):
+        # A compiled graph (inductor) brings its own GroupNorm code: no dispatch to trace there. Choices are CPU
+        # timings: a run measured on a CPU and resumed on a GPU keeps cuDNN's GroupNorm.
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not channels_last_map(x):
             return super().forward(x)
         key: NormKey = (*x.shape, self.num_groups)  # type: ignore[assignment]
         seen = _SEEN.get()

@@ -446,8 +446,13 @@ class _Pretraining:
             self.kernels = TrainingKernels(self.rundir.kernels_file, keep=start > 0, measure=env.world_size == 1,
                                            dtype=autocast_dtype(config.precision) or torch.float32)
 
-        self.kernels = TrainingKernels(None, measure=False)  # the other ranks: the shape rule
+        self.kernels = TrainingKernels(None, measure=False)  # the other ranks: rank 0's choices, below
         _main_first(env, open_kernels)  # a damaged kernels.json stops every rank
+        # A run resumed on more processes: every rank follows the file rank 0 read (the same kernels, the same
+        # rounding on every rank); shapes it lacks get the rule everywhere, since several processes never measure.
+        plans = dist_utils.broadcast_object(self.kernels.plans if env.is_main else None)
+        if not env.is_main:
+            self.kernels.plans = plans
         if env.is_main:
             self.rundir.write_config({**asdict(config), "plan": asdict(plan),
                                       "weights": {"ws_eps": self.ws_eps, "padding": self.padding}})
