@@ -118,12 +118,16 @@ def _timer_preferring(prefer: str) -> kernelcal.Timer:
     return lambda fn, label: 1.0 if label[0] == prefer else 2.0
 
 
-def test_prepare_for_inference_uses_the_calibration(tmp_path, monkeypatch):
+def _calibrating_model(tmp_path, monkeypatch) -> tuple[ResNetV2, torch.Tensor]:
+    """Calibration on, a cache of the test's own, and a small model with a non-zero head and an input for it."""
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
     monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
     torch.manual_seed(0)
-    model = ResNetV2("R14x0.5", 10, zero_head=False).eval()
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    return ResNetV2("R14x0.5", 10, zero_head=False).eval(), torch.rand(2, 3, 32, 32) * 2 - 1
+
+
+def test_prepare_for_inference_uses_the_calibration(tmp_path, monkeypatch):
+    model, x = _calibrating_model(tmp_path, monkeypatch)
     with torch.no_grad():
         ref = model(x)
     gemm_calls = []
@@ -353,11 +357,7 @@ def test_layout_group_norm_is_group_norm_either_way(dtype, tol, monkeypatch):
 
 
 def test_prepare_for_inference_runs_each_group_norm_as_measured(tmp_path, monkeypatch):
-    monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
-    monkeypatch.setenv("BIGTRANSFER_CACHE", str(tmp_path))
-    torch.manual_seed(0)
-    model = ResNetV2("R14x0.5", 10, zero_head=False).eval()
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model, x = _calibrating_model(tmp_path, monkeypatch)
     via_nchw = []
     real = normlayout.group_norm_via_nchw
     monkeypatch.setattr(normlayout, "group_norm_via_nchw", lambda *a: via_nchw.append(a[0].shape) or real(*a))

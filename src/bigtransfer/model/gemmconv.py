@@ -9,6 +9,8 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
+from ..core.scoped import scoped
+
 # A convolution as the dispatch sees it: (batch, in channels, height, width, out channels, kernel, stride, padding).
 ConvKey = tuple[int, int, int, int, int, int, int, int]
 
@@ -117,23 +119,15 @@ def conv_key(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -
 def kernel_choices(choices: Mapping[ConvKey, bool] | None, backward: bool = False) -> Iterator[None]:
     """Inside: a forward-only convolution (with `backward`: one a backward follows) whose shape is in `choices`
     runs as a GEMM exactly when it says True; None: every convolution follows the shape rule."""
-    var = _TRAIN_CHOICES if backward else _CHOICES
-    token = var.set(choices)
-    try:
+    with scoped(_TRAIN_CHOICES if backward else _CHOICES, choices):
         yield
-    finally:
-        var.reset(token)
 
 
 @contextlib.contextmanager
 def recording_convs() -> Iterator[list[ConvKey]]:
     """Inside: every convolution that goes through conv2d() appends its key to the yielded list."""
-    seen: list[ConvKey] = []
-    token = _SEEN.set(seen)
-    try:
+    with scoped(_SEEN, []) as seen:
         yield seen
-    finally:
-        _SEEN.reset(token)
 
 
 def gemm_applies(x: torch.Tensor, weight: torch.Tensor, padding: int) -> bool:

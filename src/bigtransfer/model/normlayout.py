@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.scoped import scoped
+
 # A GroupNorm call as the dispatch sees it: (batch, channels, height, width, groups).
 NormKey = tuple[int, int, int, int, int]
 
@@ -41,22 +43,15 @@ def group_norm_via_nchw(x: torch.Tensor, groups: int, weight: torch.Tensor | Non
 @contextlib.contextmanager
 def norm_layouts(nchw: frozenset[NormKey]) -> Iterator[None]:
     """Inside: a LayoutGroupNorm of a channels-last map whose key is in `nchw` runs through an NCHW copy."""
-    token = _NCHW.set(nchw)
-    try:
+    with scoped(_NCHW, nchw):
         yield
-    finally:
-        _NCHW.reset(token)
 
 
 @contextlib.contextmanager
 def recording_norms() -> Iterator[list[NormKey]]:
     """Inside: every LayoutGroupNorm of a channels-last map appends its key to the yielded list."""
-    seen: list[NormKey] = []
-    token = _SEEN.set(seen)
-    try:
+    with scoped(_SEEN, []) as seen:
         yield seen
-    finally:
-        _SEEN.reset(token)
 
 
 class LayoutGroupNorm(nn.GroupNorm):
