@@ -2,7 +2,7 @@
 
 PyTorch's CPU GroupNorm has its own kernel for channels-last maps. Its speed against the NCHW kernel depends on the
 shape, the dtype and the CPU: on a 2-core Sapphire Rapids Xeon, in bf16, R50x1's 128- and 256-channel maps at 28x28
-and 14x14 (4 and 8 channels per group) ran 1.8-3.4x faster through an NCHW copy, copies included, and every other
+and 14x14 (4 and 8 channels per group) ran 1.8-3.5x faster through an NCHW copy, copies included, and every other
 shape slower; in fp32 the channels-last kernel won everywhere (`benchmarks/bench_norm_layout.py`, RESULTS.md). So
 the inference path (`deploy.inference_model`) and the training loops (`kernelcal.TrainingKernels`) time both per
 shape (`model.kernelcal.norm_plan`) and run a GroupNorm through an NCHW copy where that measured clearly faster;
