@@ -254,7 +254,8 @@ def test_a_resumed_run_follows_its_file_not_the_environment(tmp_path, monkeypatc
     x, run = torch.rand(2, 3, 32, 32), tmp_path / "kernels.json"
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")  # a run started with measuring off records the rule
     assert kernelcal.TrainingKernels(run, keep=False, timer=never).choices(model, x) is None
-    assert json.loads(run.read_text()) == {"plans": [{"input": [2, 3, 32, 32], "convs": None, "norms": []}]}
+    assert json.loads(run.read_text()) == {"format": 2, "plans": [{"input": [2, 3, 32, 32], "convs": None,
+                                                                     "norms": []}]}
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")  # resumed with measuring on: still the rule, as it trained
     assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None
     run.unlink()  # a run saved before kernels.json existed trained by the rule: it keeps it
@@ -531,5 +532,16 @@ def test_a_kernel_file_saved_before_group_norm_choices_keeps_channels_last_group
     model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last)
     assert kernels.norms(model, torch.rand(2, 3, 32, 32)) == frozenset()
     run.write_text(json.dumps({"plans": [{"input": [2, 3, 32, 32], "convs": None, "norms": [[2, 64]]}]}))
+    with pytest.raises(UserError, match="not a kernel choice file of a run"):
+        kernelcal.TrainingKernels(run)
+
+
+@pytest.mark.parametrize("written", [3, "2", True])
+def test_a_kernel_file_of_an_unknown_format_is_refused_not_half_read(tmp_path, written):
+    run = tmp_path / "kernels.json"
+    run.write_text(json.dumps({"format": written, "plans": [{"input": [2, 3, 32, 32], "convs": None, "norms": []}]}))
+    with pytest.raises(UserError, match=r"kernels.json: kernel choice format .* which this version does not know"):
+        kernelcal.TrainingKernels(run)
+    run.write_text(json.dumps([1, 2]))  # not even an object
     with pytest.raises(UserError, match="not a kernel choice file of a run"):
         kernelcal.TrainingKernels(run)

@@ -281,6 +281,11 @@ def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None =
 TrainingPlan = tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]
 
 
+# RUN/kernels.json's format: 2 added the GroupNorm choices ("norms"). A reader refuses a format it does not know,
+# rather than resume with fewer choices than the run trained with.
+RUN_FORMAT = 2
+
+
 class TrainingKernels:
     """The calibrated kernels of a training run, per input shape, kept in RUN/kernels.json.
 
@@ -327,19 +332,25 @@ class TrainingKernels:
                 raise ValueError("a choice is not 0 or 1")
             return shape, ({tuple(r[:8]): bool(r[8]) for r in rows}, norms)  # type: ignore[return-value]
 
+        written: object = None
         try:
-            return dict(entry(e) for e in json.loads(self.path.read_text(encoding="utf-8"))["plans"])
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            written = doc.get("format", 1)  # files without a number: the first version (convolutions only)
+            if type(written) is int and written in (1, RUN_FORMAT):
+                return dict(entry(e) for e in doc["plans"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise UserError(f"{self.path}: not a kernel choice file of a run ({e}); delete it to resume with the "
                             "kernels measured now (the resumed run then differs by float rounding)") from None
+        raise UserError(f"{self.path}: kernel choice format {written!r}, which this version does not know (it reads "
+                        f"1 and {RUN_FORMAT}): resume the run with the bigtransfer that wrote it")
 
     def _write(self) -> None:
         if self.path is None:
             return
-        doc = {"plans": [{"input": list(shape), "convs": None if gemm is None else
-                          [[*key, int(g)] for key, g in sorted(gemm.items())], "norms": sorted(map(list, norms))}
-                         for shape, (gemm, norms) in sorted(self.plans.items())]}
-        write_text(self.path, json.dumps(doc))
+        plans = [{"input": list(shape),
+                  "convs": None if gemm is None else [[*key, int(g)] for key, g in sorted(gemm.items())],
+                  "norms": sorted(map(list, norms))} for shape, (gemm, norms) in sorted(self.plans.items())]
+        write_text(self.path, json.dumps({"format": RUN_FORMAT, "plans": plans}))
 
     def choices(self, model: torch.nn.Module, x: torch.Tensor) -> dict[ConvKey, bool] | None:
         """Per convolution shape, whether it runs as a GEMM (None: the shape rule)."""
