@@ -281,8 +281,7 @@ def with_training_kernels(step: Step, model: torch.nn.Module, x: torch.Tensor, p
     kernels = kernelcal.TrainingKernels(None, dtype=PRECISIONS[precision])
 
     def run():
-        with (gemmconv.kernel_choices(kernels.choices(model, x), backward=True),
-              normlayout.norm_layouts(kernels.norms(model, x))):
+        with kernelcal.in_force(kernels.for_input(model, x), backward=True):
             return step()
     return run
 

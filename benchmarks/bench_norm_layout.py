@@ -18,7 +18,6 @@ from collections import Counter
 
 import torch
 
-from bigtransfer.deploy.inference_model import frozen_copy
 from bigtransfer.model import kernelcal
 from bigtransfer.model.normlayout import NormKey, recording_norms
 from bigtransfer.model.resnetv2 import ResNetV2
@@ -31,10 +30,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def norm_shapes(arch: str, size: int, batch: int) -> Counter[NormKey]:
     """How often each GroupNorm shape on a channels-last map occurs in one forward pass."""
-    frozen = frozen_copy(ResNetV2(arch, 1000).eval()).to(memory_format=torch.channels_last)
+    model = ResNetV2(arch, 1000).eval().to(memory_format=torch.channels_last)
     x = torch.zeros(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), recording_norms() as seen:
-        frozen(x)
+        model(x)
     return Counter(seen)
 
 

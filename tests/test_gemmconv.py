@@ -110,8 +110,15 @@ def test_channels_last_training_step_matches_nchw(monkeypatch):
 def test_first_groupnorm_runs_on_nchw_in_a_channels_last_model():
     model = ResNetV2("R14x0.5", 10).to(memory_format=CL)
     seen = {}
-    model.stages[0][0].gn1.register_forward_hook(lambda m, i, o: seen.update(first=i[0].is_contiguous()))
-    model.stages[1][0].gn1.register_forward_hook(lambda m, i, o: seen.update(other=i[0].is_contiguous()))
-    out = model.forward_stages(torch.rand(2, 3, 64, 64))
-    assert seen == {"first": True, "other": False}
+    for name, unit in (("first", model.stages[0][0]), ("other", model.stages[1][0])):
+        unit.gn1.register_forward_hook(lambda m, i, o, name=name: seen.update({name: (i[0], o.clone())}))  # ReLU: in place
+    with torch.no_grad():
+        out = model.forward_stages(torch.rand(2, 3, 64, 64))
+    gn = model.stages[0][0].gn1
+    x, y = seen["first"]
+    assert x.is_contiguous(memory_format=CL) and not x.is_contiguous()  # it is given the channels-last map ...
+    nchw = F.group_norm(x.contiguous(), gn.num_groups, gn.weight, gn.bias, gn.eps)
+    assert torch.equal(y, nchw) and y.is_contiguous(memory_format=CL)  # ... and computes NCHW's result, exactly
+    x, y = seen["other"]
+    assert torch.equal(y, F.group_norm(x, 32, model.stages[1][0].gn1.weight, model.stages[1][0].gn1.bias))
     assert out[1].is_contiguous(memory_format=CL)

@@ -236,10 +236,11 @@ def test_training_kernels_stay_out_of_the_way_where_there_is_no_choice(tmp_path,
     model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 32, 32)
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")
-    assert kernelcal.TrainingKernels(None, timer=never).choices(model, x) is None  # turned off
+    assert kernelcal.TrainingKernels(None, timer=never).for_input(model, x) == kernelcal.RULE  # turned off
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")
-    assert kernelcal.TrainingKernels(None, timer=never).choices(ResNetV2("R14x0.5", 3), x) is None  # NCHW
-    assert kernelcal.TrainingKernels(None, timer=never, measure=False).choices(model, x) is None  # the loop said so
+    assert kernelcal.TrainingKernels(None, timer=never).for_input(ResNetV2("R14x0.5", 3), x) == kernelcal.RULE  # NCHW
+    # The loop said so:
+    assert kernelcal.TrainingKernels(None, timer=never, measure=False).for_input(model, x) == kernelcal.RULE
     for bad in ('{"plans": [{"input": [2, 3], "convs": [[1, 2]]}]}', "{not json",
                 '{"plans": [{"input": [2, 3, 8, 8], "convs": [[2, 8, 4, 4, 16, 1, 1, 0, "no"]]}]}',
                 '{"plans": [{"input": [2, 3, 8, 8], "convs": [[2, 8, 4, 4, 16, 1, 1, 0, 2]]}]}'):
@@ -253,13 +254,13 @@ def test_a_resumed_run_follows_its_file_not_the_environment(tmp_path, monkeypatc
     model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last)
     x, run = torch.rand(2, 3, 32, 32), tmp_path / "kernels.json"
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "0")  # a run started with measuring off records the rule
-    assert kernelcal.TrainingKernels(run, keep=False, timer=never).choices(model, x) is None
+    assert kernelcal.TrainingKernels(run, keep=False, timer=never).for_input(model, x) == kernelcal.RULE
     assert json.loads(run.read_text()) == {"format": 2, "plans": [{"input": [2, 3, 32, 32], "convs": None,
                                                                      "norms": []}]}
     monkeypatch.setenv("BIGTRANSFER_CALIBRATE", "1")  # resumed with measuring on: still the rule, as it trained
-    assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None
+    assert kernelcal.TrainingKernels(run, keep=True, timer=never).for_input(model, x) == kernelcal.RULE
     run.unlink()  # a run saved before kernels.json existed trained by the rule: it keeps it
-    assert kernelcal.TrainingKernels(run, keep=True, timer=never).choices(model, x) is None
+    assert kernelcal.TrainingKernels(run, keep=True, timer=never).for_input(model, x) == kernelcal.RULE
 
 
 # ---------------------------------------------------------------- GroupNorm: its channels-last kernel or an NCHW copy
@@ -376,7 +377,8 @@ def test_prepare_for_inference_runs_each_group_norm_as_measured(tmp_path, monkey
         with normlayout.recording_norms() as seen:
             outs[prefer] = fast(x)
         assert len(seen) >= 8  # the GroupNorms on channels-last maps (1x1 maps are not)
-        assert len(via_nchw) == (0 if prefer == "cl" else len(seen)), (via_nchw, seen)
+        always = sum(getattr(m, "always_nchw", False) for m in model.modules())  # the first unit's gn1: precision
+        assert always == 1 and len(via_nchw) == always + (0 if prefer == "cl" else len(seen)), (via_nchw, seen)
     ref = model(x)
     for out in outs.values():
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-2  # bf16
@@ -394,12 +396,10 @@ def test_frozen_copy_keeps_group_norm_hooks_and_refresh_keeps_the_dispatch():
     from bigtransfer.deploy.inference_model import frozen_copy
 
     model = ResNetV2("R14x0.5", 10).eval()
-    assert type(model.norm) is normlayout.LayoutGroupNorm  # every model is built with them
-    model.norm.__class__ = torch.nn.GroupNorm  # as a model from before, or with a user's module swap, has it
     calls = []
     model.norm.register_forward_hook(lambda m, i, o: calls.append(1))
     frozen = frozen_copy(model)
-    assert type(frozen.norm) is normlayout.LayoutGroupNorm and type(model.norm) is torch.nn.GroupNorm
+    assert type(frozen.norm) is normlayout.LayoutGroupNorm  # as every model is built
     assert list(frozen.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         frozen(torch.rand(1, 3, 32, 32))
@@ -471,6 +471,7 @@ def _train_step_norm_copies(monkeypatch, kernels, precision: str = "fp32", check
     torch.manual_seed(0)
     model = ResNetV2("R14x0.5", 3, zero_head=False).to(memory_format=torch.channels_last)
     model.set_grad_checkpointing(checkpointing)
+    model.stages[0][0].gn1.always_nchw = False  # counted here: the copies the measurement chose, not precision's
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
     accumulate_and_step(model, opt, [(x, y)], lambda out, t: torch.nn.functional.cross_entropy(out.float(), t),
@@ -530,7 +531,7 @@ def test_a_kernel_file_saved_before_group_norm_choices_keeps_channels_last_group
     run.write_text(json.dumps({"plans": [{"input": [2, 3, 32, 32], "convs": None}]}))
     kernels = kernelcal.TrainingKernels(run, timer=lambda fn, label: pytest.fail("measured"))
     model = ResNetV2("R14x0.5", 3).to(memory_format=torch.channels_last)
-    assert kernels.norms(model, torch.rand(2, 3, 32, 32)) == frozenset()
+    assert kernels.for_input(model, torch.rand(2, 3, 32, 32)) == kernelcal.RULE
     run.write_text(json.dumps({"plans": [{"input": [2, 3, 32, 32], "convs": None, "norms": [[2, 64]]}]}))
     with pytest.raises(UserError, match="not a kernel choice file of a run"):
         kernelcal.TrainingKernels(run)

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..engine.device import PRECISIONS, check_precision
 from ..model import kernelcal
-from ..model.gemmconv import ConvKey, kernel_choices, recording_convs
-from ..model.normlayout import LayoutGroupNorm, NormKey, norm_layouts, recording_norms
+from ..model.gemmconv import recording_convs
+from ..model.normlayout import recording_norms
 from ..model.resnetv2 import PlainConv2d, ResNetV2, StdConv2d
 
 
@@ -51,8 +51,6 @@ def frozen_copy(model: ResNetV2) -> ResNetV2:
         if isinstance(m, StdConv2d):
             parent, _, child = name.rpartition(".")
             setattr(frozen.get_submodule(parent) if parent else frozen, child, _plain_conv(m))
-        elif type(m) is nn.GroupNorm:  # a model built (or unpickled) with plain GroupNorms: the same module, hooks
-            m.__class__ = LayoutGroupNorm  # and parameters, with the measured layout dispatch
     frozen.load_state_dict(_standardized_state(model))
     return frozen.eval().requires_grad_(False)
 
@@ -127,7 +125,7 @@ class InferenceModel(nn.Module):
         self.calibrate = kernelcal.enabled() if calibrate is None else bool(calibrate)
         # Input shape -> the calibrated GEMM choice per convolution shape and the GroupNorm shapes that run through
         # an NCHW copy (see _kernel_choices).
-        self._plans: dict[tuple[int, ...], tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]] = {}
+        self._plans: dict[tuple[int, ...], kernelcal.KernelPlan] = {}
         # Kept outside the module tree so state_dict() and parameters() don't repeat the source's weights.
         self.__dict__["source"] = model
         self.frozen: ResNetV2 = None  # type: ignore[assignment]  # set by refresh()
@@ -200,7 +198,7 @@ class InferenceModel(nn.Module):
         return (self.calibrate and not self.compile and next(self.source.parameters()).device.type == "cpu"
                 and (self.dtype is torch.float32 or self.channels_last))
 
-    def _kernel_choices(self, x: torch.Tensor, fn) -> tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]:
+    def _kernel_choices(self, x: torch.Tensor, fn) -> kernelcal.KernelPlan:
         """The calibrated kernels for inputs shaped like `x` (measured on the first call of the shape): per
         convolution shape, GEMM or oneDNN (fp32, where the GEMM path exists), and the GroupNorm shapes faster
         through an NCHW copy."""
@@ -212,7 +210,7 @@ class InferenceModel(nn.Module):
                 self._plans[shape] = self._calibrate(x, fn)
         return self._plans[shape]
 
-    def _calibrate(self, x: torch.Tensor, fn) -> tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]:
+    def _calibrate(self, x: torch.Tensor, fn) -> kernelcal.KernelPlan:
         """One forward pass records the shapes, kernelcal times those not cached yet, and the choices follow. The
         first shape also picks the layout (fp32), once only, since a refill keeps the copy's layout."""
         with torch.no_grad(), recording_convs() as convs, recording_norms() as norms:
@@ -242,8 +240,8 @@ class InferenceModel(nn.Module):
 
     def _run(self, x: torch.Tensor, features: bool) -> torch.Tensor:
         fn = self._function(features)
-        gemm, nchw = self._kernel_choices(x, fn) if self._calibrates and x.dim() == 4 else (None, frozenset())
-        with torch.no_grad(), kernel_choices(gemm), norm_layouts(nchw):
+        kernels = self._kernel_choices(x, fn) if self._calibrates and x.dim() == 4 else kernelcal.RULE
+        with torch.no_grad(), kernelcal.in_force(kernels):
             return self._call(fn, self._layout_input(x)).float()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

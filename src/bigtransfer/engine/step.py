@@ -25,9 +25,7 @@ from typing import Any
 
 import torch
 
-from ..model.gemmconv import kernel_choices
-from ..model.kernelcal import TrainingKernels
-from ..model.normlayout import norm_layouts
+from ..model.kernelcal import RULE, TrainingKernels, in_force
 from .device import autocast
 
 Batch = tuple[torch.Tensor, Any]
@@ -57,8 +55,7 @@ def accumulate_and_step(model: Callable[[torch.Tensor], torch.Tensor], optimizer
         if prepare is not None:
             x, target = prepare(q, x, target)
         # Backward inside the choices too: activation checkpointing recomputes the forward pass there.
-        with (kernel_choices(kernels.choices(model, x) if kernels is not None else None, backward=True),
-              norm_layouts(kernels.norms(model, x) if kernels is not None else frozenset())):
+        with in_force(kernels.for_input(model, x) if kernels is not None else RULE, backward=True):
             with sync(q) if sync is not None else contextlib.nullcontext(), autocast(device, precision):
                 loss = loss_fn(model(x), target)
             backward = loss / divisor if divisor is not None else loss

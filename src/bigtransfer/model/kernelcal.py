@@ -25,6 +25,7 @@ so resuming stays exact. Evaluations inside a run keep the deterministic rule.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ import re
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 
 from ..core.atomic import write_text
 from ..core.errors import UserError
-from .gemmconv import ConvKey, gemm_applies, gemm_conv2d, recording_convs
-from .normlayout import NormKey, group_norm_via_nchw, recording_norms
+from .gemmconv import ConvKey, gemm_applies, gemm_conv2d, kernel_choices, recording_convs
+from .normlayout import NormKey, group_norm_via_nchw, norm_layouts, recording_norms
 
 ENV = "BIGTRANSFER_CALIBRATE"
 FORMAT = 1
@@ -276,9 +277,19 @@ def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None =
     return frozenset(k for k in keys if times[k]["nchw"] < NCHW_MARGIN * times[k]["cl"])  # type: ignore[operator]
 
 
-# What a training run uses for one input shape: per convolution shape GEMM or not (None: the shape rule), and the
-# GroupNorm shapes that run through an NCHW copy.
-TrainingPlan = tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]
+# The kernels one input shape runs with: per convolution shape GEMM or not (None: the shape rule), and the GroupNorm
+# shapes that run through an NCHW copy. RULE: nothing measured (the shape rule, channels-last GroupNorms).
+KernelPlan = tuple[dict[ConvKey, bool] | None, frozenset[NormKey]]
+RULE: KernelPlan = (None, frozenset())
+
+
+@contextlib.contextmanager
+def in_force(kernels: KernelPlan, backward: bool = False) -> Iterator[None]:
+    """Inside: convolutions and GroupNorms run on the kernels `kernels` names (with `backward`: the choices for
+    calls a backward follows); the inference path and every training step enter it."""
+    gemm, norms = kernels
+    with kernel_choices(gemm, backward=backward), norm_layouts(norms):
+        yield
 
 
 # RUN/kernels.json's format: 2 added the GroupNorm choices ("norms"). A reader refuses a format it does not know,
@@ -289,8 +300,8 @@ RUN_FORMAT = 2
 class TrainingKernels:
     """The calibrated kernels of a training run, per input shape, kept in RUN/kernels.json.
 
-    `choices(model, x)` (convolutions) and `norms(model, x)` (GroupNorms), before micro-batch `x`'s forward pass:
-    for a new input shape, one forward pass without gradients records the model's convolutions and GroupNorms;
+    `for_input(model, x)`, before micro-batch `x`'s forward pass (and `in_force` around it and its backward): for a
+    new input shape, one forward pass without gradients records the model's convolutions and GroupNorms;
     `plan(..., backward=True)` chooses between oneDNN and the GEMM for each convolution (fp32 runs: the GEMM path
     computes fp32 only) and `norm_plan(..., backward=True)` between GroupNorm's channels-last kernel and an NCHW
     copy (in the run's compute dtype); the choices are saved. Nothing is chosen where there is nothing to choose
@@ -307,14 +318,14 @@ class TrainingKernels:
         what the run computes in (its autocast dtype, else float32)."""
         self.path, self.timer, self.dtype = path, timer, dtype
         self.measure = measure and enabled()
-        self.plans: dict[tuple[int, ...], TrainingPlan] = {}
+        self.plans: dict[tuple[int, ...], KernelPlan] = {}
         if path is not None and keep:
             if path.exists():
                 self.plans, self.measure = self._read(), False
             else:  # a state saved by a version that always trained by the shape rule
                 self.measure = False
 
-    def _read(self) -> dict[tuple[int, ...], TrainingPlan]:
+    def _read(self) -> dict[tuple[int, ...], KernelPlan]:
         assert self.path is not None
 
         def ints(v: object, n: int) -> list[int]:
@@ -322,7 +333,7 @@ class TrainingKernels:
                 raise ValueError(f"expected {n} integers >= 0, got {v!r}")
             return v
 
-        def entry(e: dict) -> tuple[tuple[int, ...], TrainingPlan]:
+        def entry(e: dict) -> tuple[tuple[int, ...], KernelPlan]:
             shape, convs = tuple(ints(e["input"], 4)), e["convs"]
             norms = frozenset(tuple(ints(k, 5)) for k in e.get("norms", []))  # absent: saved before they existed
             if convs is None:
@@ -352,27 +363,20 @@ class TrainingKernels:
                   "norms": sorted(map(list, norms))} for shape, (gemm, norms) in sorted(self.plans.items())]
         write_text(self.path, json.dumps({"format": RUN_FORMAT, "plans": plans}))
 
-    def choices(self, model: torch.nn.Module, x: torch.Tensor) -> dict[ConvKey, bool] | None:
-        """Per convolution shape, whether it runs as a GEMM (None: the shape rule)."""
-        return self._plan(model, x)[0]
-
-    def norms(self, model: torch.nn.Module, x: torch.Tensor) -> frozenset[NormKey]:
-        """The GroupNorm shapes that run through an NCHW copy."""
-        return self._plan(model, x)[1]
-
-    def _plan(self, model: torch.nn.Module, x: torch.Tensor) -> TrainingPlan:
+    def for_input(self, model: torch.nn.Module, x: torch.Tensor) -> KernelPlan:
+        """The kernels micro-batch `x` runs with (measured and saved the first time its shape is met)."""
         shape = tuple(x.shape)
         if shape not in self.plans:
-            self.plans[shape] = self._measure(model, x) if self.measure else (None, frozenset())
+            self.plans[shape] = self._measure(model, x) if self.measure else RULE
             self._write()
         return self.plans[shape]
 
-    def _measure(self, model: torch.nn.Module, x: torch.Tensor) -> TrainingPlan:
+    def _measure(self, model: torch.nn.Module, x: torch.Tensor) -> KernelPlan:
         kernel = next((p for p in model.parameters() if p.dim() == 4), None)
         # Choices exist for channels-last models on a CPU only; elsewhere F.conv2d and GroupNorm's own kernel.
         if (kernel is None or x.device.type != "cpu" or kernel.is_contiguous()
                 or not kernel.is_contiguous(memory_format=torch.channels_last)):
-            return None, frozenset()
+            return RULE
         with torch.no_grad(), recording_convs() as convs, recording_norms() as norms:
             model(x)
         # The GEMM path computes fp32 only: an autocast run keeps F.conv2d (the shape rule leaves it there).

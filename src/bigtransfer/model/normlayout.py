@@ -55,17 +55,25 @@ def recording_norms() -> Iterator[list[NormKey]]:
 
 
 class LayoutGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state dict) that follows `norm_layouts()` on channels-last maps."""
+    """nn.GroupNorm (same parameters and state dict) that follows `norm_layouts()` on channels-last maps, or with
+    `always_nchw` set runs every channels-last map through an NCHW copy (for precision, on any device)."""
+
+    always_nchw = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A compiled graph (inductor) brings its own GroupNorm code: no dispatch to trace there. Choices are CPU
-        # timings: a run measured on a CPU and resumed on a GPU keeps cuDNN's GroupNorm.
-        if torch.compiler.is_compiling() or x.device.type != "cpu" or not channels_last_map(x):
+        # A compiled graph (inductor) brings its own GroupNorm code: no dispatch to trace there.
+        if torch.compiler.is_compiling():
+            return super().forward(x)
+        if self.always_nchw and channels_last_map(x):
+            return group_norm_via_nchw(x, self.num_groups, self.weight, self.bias, self.eps)
+        nchw, seen = _NCHW.get(), _SEEN.get()
+        # Nothing chosen and nothing recorded (the usual case: fp32 here, every GPU run) costs two lookups. Choices
+        # are CPU timings: a run measured on a CPU and resumed on a GPU keeps cuDNN's GroupNorm.
+        if (not nchw and seen is None) or x.device.type != "cpu" or not channels_last_map(x):
             return super().forward(x)
         key: NormKey = (*x.shape, self.num_groups)  # type: ignore[assignment]
-        seen = _SEEN.get()
         if seen is not None:
             seen.append(key)
-        if key in _NCHW.get():
+        if key in nchw:
             return group_norm_via_nchw(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.errors import UserError
 from .gemmconv import conv2d
 from .memory import check_fits, parameter_count
-from .normlayout import LayoutGroupNorm, channels_last_map
+from .normlayout import LayoutGroupNorm
 
 # The authors' release standardizes with eps 1e-10; timm and HF transformers use 1e-8.
 WS_EPS_RELEASE = 1e-10
@@ -191,22 +191,11 @@ class PreActBottleneck(nn.Module):
         self.conv3 = StdConv2d(cmid, cout, 1, eps=ws_eps, same=same)
         self.proj = StdConv2d(cin, cout, 1, stride=stride, eps=ws_eps, same=same) \
             if (stride != 1 or cin != cout) else None
-        # Set on the network's first unit, whose gn1 sees the root's max-pool output (all maxima: group mean/std
-        # about 2.6, against < 0.3 at every other GroupNorm of random and trained models). PyTorch's
-        # channels-last CPU GroupNorm computes the variance as E[x^2] - E[x]^2, whose error grows with
-        # (mean/std)^2: on that one input it measured 9e-6 relative error against 2e-7 in NCHW, and grew to
-        # 1.3e-4 at R101x1's logits. So that GroupNorm alone runs on an NCHW copy (two copies of one stage-1 map).
-        self.precise_norm1 = False
-
-    def _norm1(self, x: torch.Tensor) -> torch.Tensor:
-        if self.precise_norm1 and channels_last_map(x):
-            return self.gn1(x.contiguous()).contiguous(memory_format=torch.channels_last)
-        return self.gn1(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In place where autograd allows it (GroupNorm's backward needs its input, not its output; a conv's
         # backward doesn't need its output): saves a fresh allocation and a memory pass per op.
-        a = F.relu(self._norm1(x), inplace=True)
+        a = F.relu(self.gn1(x), inplace=True)
         shortcut = self.proj(a) if self.proj is not None else x
         y = self.conv1(a)
         y = self.conv2(F.relu(self.gn2(y), inplace=True))
@@ -269,7 +258,12 @@ class ResNetV2(nn.Module):
                 cin = cout
             stages.append(nn.Sequential(*units))
         self.stages = nn.Sequential(*stages)
-        self.stages[0][0].precise_norm1 = True
+        # The first unit's gn1 sees the root's max-pool output (all maxima: group mean/std about 2.6, against < 0.3
+        # at every other GroupNorm of random and trained models). PyTorch's channels-last CPU GroupNorm computes the
+        # variance as E[x^2] - E[x]^2, whose error grows with (mean/std)^2: on that one input it measured 9e-6
+        # relative error against 2e-7 in NCHW, and grew to 1.3e-4 at R101x1's logits. So that GroupNorm alone
+        # always runs on an NCHW copy (two copies of one stage-1 map), whatever the timings say.
+        self.stages[0][0].gn1.always_nchw = True
         self.norm = _gn(cin)
         self.head: nn.Conv2d | None = nn.Conv2d(cin, num_classes, 1, bias=True) if num_classes else None
         self.grad_checkpointing = False

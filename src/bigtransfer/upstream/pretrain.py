@@ -35,7 +35,6 @@ function of (seed, step) only.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -56,7 +55,7 @@ from ..engine.device import autocast_dtype, sgd, training_layout
 from ..engine.metrics import MetricsLog, read_jsonl, to_json
 from ..engine.plots import write_plots
 from ..engine.progress import Progress
-from ..engine.rundir import RunDir
+from ..engine.rundir import RunDir, saved_settings
 from ..engine.schedule import idle_warning, piecewise_lr
 from ..engine.step import accumulate_and_step, evaluation_pass
 from ..model.checkpoints import load_state, save_checkpoint
@@ -318,7 +317,7 @@ def _run(config: PretrainConfig, rundir: RunDir, env: dist_utils.DistEnv, progre
     show = Progress(("bar" if progress else "messages") if env.is_main else "nothing", desc="pre-training",
                     unit="update", stream=sys.stderr)
     resuming = dist_utils.broadcast_object(rundir.has_state())  # rank 0's view of the (shared) run folder decides
-    record = dist_utils.broadcast_object(_weights_record(rundir) if resuming and env.is_main else None)
+    record = _main_first(env, lambda: _weights_record(rundir) if resuming else None)  # an error stops every rank
     run = _Pretraining(config, rundir, env, data, plan, show.say, record)
     if resuming:
         run.resume()
@@ -359,11 +358,10 @@ def _run(config: PretrainConfig, rundir: RunDir, env: dist_utils.DistEnv, progre
 
 
 def _weights_record(rundir: RunDir) -> dict[str, Any] | None:
-    """The "weights" record (ws_eps, padding) of a run's config.json; None when it has none or cannot be read."""
-    try:
-        record = json.loads(rundir.config_file.read_text()).get("weights")
-    except (OSError, ValueError, AttributeError):
+    """The "weights" record (ws_eps, padding) of a run's config.json; None when it has none (an older run)."""
+    if not rundir.config_file.is_file():
         return None
+    record = saved_settings(rundir.config_file).get("weights")  # a damaged file: an error naming it
     ok = isinstance(record, dict) and isinstance(record.get("ws_eps"), float) and isinstance(record.get("padding"), str)
     return record if ok else None
 
