@@ -210,3 +210,19 @@ def test_compiled_path_matches_and_follows_weight_changes():
                 p.mul_(1.5)  # GroupNorm affines and head bias: changes the output
         expected = model(x)
     assert _rel(fast(x), expected) < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("train", [False, True])
+def test_model_traces_as_one_graph(train):
+    """torch.compile must see the whole model: a graph break per convolution (the kernel choices' ContextVar, which
+    Dynamo cannot trace) sent compile=True back to eager after the recompile limit, silently, on CPU and GPU."""
+    model = _model("R14x0.5").to(memory_format=torch.channels_last).train(train)
+    x = _images(2, 32).to(memory_format=torch.channels_last)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    with torch.set_grad_enabled(train):
+        out = compiled(x)
+        assert _rel(out, model(x)) < 1e-5
+    if train:
+        out.sum().backward()
+        assert all(p.grad is not None for p in model.parameters())

@@ -161,6 +161,10 @@ def prefers_gemm(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: in
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
     """A bias-free, ungrouped square convolution, run by whichever of GEMM or oneDNN is faster for its shape."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace ContextVar.get (a graph break at every convolution, and then the recompile limit
+        # sends the whole model back to eager); inductor chooses and prepacks its own convolution kernels.
+        return F.conv2d(x, weight, None, stride, padding)
     seen = _SEEN.get()
     if seen is not None:
         seen.append(conv_key(x, weight, stride, padding))
