@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import warnings
 
@@ -80,6 +81,16 @@ def native_precision(precision: str, device: torch.device) -> bool:
 # wait for its plan rather than run on a copy being changed or time the kernels again. Module-level: calibration is
 # rare, and an InferenceModel stays deep-copyable.
 _CALIBRATION = threading.Lock()
+
+
+def _new_calibration_lock() -> None:
+    # A child forked while another thread calibrates would inherit the lock held by a thread it does not have, and
+    # its first call of a new shape would wait forever (DataLoader workers and multiprocessing fork on Linux).
+    global _CALIBRATION
+    _CALIBRATION = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_calibration_lock)
 
 
 def _frozen_compile(fn):

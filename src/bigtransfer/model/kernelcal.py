@@ -94,18 +94,22 @@ def measure(key: ConvKey, timer: Timer | None = None, backward: bool = False) ->
         # .grad starts empty) does not make.
         return (lambda: torch.autograd.grad(conv(), inputs, g)) if backward else conv
 
+    calls = {"cl": call(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), grad_cl, (x_cl, w_cl))}
+    if not backward:  # training keeps the run's layout (channels-last, where the GEMM applies): NCHW is no candidate
+        calls["nchw"] = call(lambda: F.conv2d(x, weight, None, stride, pad), grad, (x, weight))
+    if gemm_applies(x_cl, w_cl, pad):
+        calls["gemm"] = call(lambda: gemm_conv2d(x_cl, w_cl, stride, pad), grad_cl, (x_cl, w_cl))
     with torch.set_grad_enabled(backward):
-        times: dict[str, float | None] = {
-            # Training keeps the run's layout (channels-last, where the GEMM applies): NCHW is not a candidate.
-            "nchw": None if backward else timer(call(lambda: F.conv2d(x, weight, None, stride, pad), grad,
-                                                     (x, weight)), ("nchw", key)),
-            "cl": timer(call(lambda: F.conv2d(x_cl, w_cl, None, stride, pad), grad_cl, (x_cl, w_cl)), ("cl", key)),
-            "gemm": None,
-        }
-        if gemm_applies(x_cl, w_cl, pad):
-            times["gemm"] = timer(call(lambda: gemm_conv2d(x_cl, w_cl, stride, pad), grad_cl, (x_cl, w_cl)),
-                                  ("gemm", key))
-    return times
+        return {"nchw": None, "gemm": None} | _interleaved(calls, key, timer)
+
+
+def _interleaved(calls: Mapping[str, Callable[[], object]], key: tuple[int, ...], timer: Timer) -> dict[str, float]:
+    """Each candidate's best time over two rounds in opposite orders: a slow moment of the machine then hits every
+    candidate, not one (the choice is cached for good, and a wrong one can cost 2-10x on a large shape)."""
+    best = dict.fromkeys(calls, math.inf)
+    for name in (*calls, *reversed(calls)):
+        best[name] = min(best[name], timer(calls[name], (name, key)))
+    return best
 
 
 @dataclass(frozen=True)
@@ -251,13 +255,8 @@ def measure_norm(key: NormKey, dtype: torch.dtype, timer: Timer | None = None,
         return (lambda: torch.autograd.grad(run(), (x, weight, bias), grad)) if backward else run
 
     calls = {"cl": call(F.group_norm), "nchw": call(group_norm_via_nchw)}
-    best = {name: math.inf for name in calls}
     with torch.set_grad_enabled(backward):
-        # Two rounds in opposite orders: a slow moment of the machine then hits both ways, not one (a wrong choice
-        # can cost 10x: the copies of a large map).
-        for name in (*calls, *reversed(calls)):
-            best[name] = min(best[name], timer(calls[name], (name, key)))
-    return best  # type: ignore[return-value]
+        return _interleaved(calls, key, timer)  # type: ignore[return-value]
 
 
 def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None = None,
