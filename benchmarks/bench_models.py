@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from bigtransfer.core.errors import UserError
 from bigtransfer.deploy.engines import OnnxRuntimeRunner
 from bigtransfer.deploy.inference_model import PRECISIONS, InferenceModel, prepare_for_inference
+from bigtransfer.engine.device import sgd
 from bigtransfer.model import gemmconv, kernelcal, normlayout
 from bigtransfer.model.resnetv2 import ResNetV2
 
@@ -243,7 +244,8 @@ def train_step(model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.T
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    # Every candidate updates with the training loops' optimizer (PyTorch's fused SGD): a peer's user can have it too.
+    opt = sgd(model.parameters(), torch.device("cpu"), lr=1e-3, momentum=0.9)
     ctx = _autocast(precision)
 
     def step():

@@ -226,3 +226,31 @@ def test_model_traces_as_one_graph(train):
     if train:
         out.sum().backward()
         assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compile_engine_compiles_once_per_image_size_and_refuses_without_a_compiler(monkeypatch):
+    """--engine compile: eager's results; a folder's smaller last batch runs padded in the same graph (a second
+    compile would cost another minute on a CPU); without a C++ compiler a clear refusal before any work."""
+    from torch._dynamo.utils import counters
+
+    from bigtransfer.core.errors import UserError
+    from bigtransfer.deploy import engines
+
+    model = _model("R14x0.5")
+    run = engines.runner(model, "compile", "fp32", features=True)
+    x = _images(3, 32)
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        want = model.forward_features(x)
+    assert _rel(run(x), want) < 1e-4
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > before  # it did compile
+    last = run(x[:2])  # the folder's last batch
+    assert last.shape[0] == 2 and _rel(last, want[:2]) < 1e-4
+    assert counters["stats"]["unique_graphs"] == compiled  # no second graph
+    monkeypatch.setattr(engines.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+        engines.check_engine("compile", device="cpu")
+    engines.check_engine("torch", device="cpu")

@@ -11,7 +11,7 @@ from ..engine.precision import UNSCALED_PRECISIONS
 from .options import resolution_from
 
 # bigtransfer.deploy.engines.ENGINES, named here so that --help does not import torch (a test keeps them equal).
-ENGINE_CHOICES = ("torch", "onnxruntime")
+ENGINE_CHOICES = ("torch", "compile", "onnxruntime")
 
 HELP = "Classify images (files or folders) with a model: top-k labels with softmax scores."
 
@@ -29,8 +29,10 @@ def add_model_options(p: argparse.ArgumentParser,
     p.add_argument("--precision", choices=UNSCALED_PRECISIONS, default="fp32", help="inference precision (default "
                                                                                     "fp32)")
     p.add_argument("--engine", choices=ENGINE_CHOICES, default="torch",
-                   help="torch (default) or onnxruntime: our ONNX export run by onnxruntime, fp32 on the CPU, checked "
-                        "against the eager model on the first batch (pip install 'bigtransfer[onnx]')")
+                   help="torch (default); compile: the same model compiled by torch.compile (the first batch of each "
+                        "image size compiles for about a minute on a CPU, where a C++ compiler is needed; worth it for "
+                        "thousands of images); onnxruntime: our ONNX export run by onnxruntime, fp32 on the CPU, "
+                        "checked against the eager model on the first batch (pip install 'bigtransfer[onnx]')")
     p.add_argument("--batch", type=int, default=32, metavar="N", help="images per forward pass (default 32)")
     p.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: one per core, at most 8)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")

@@ -1,4 +1,5 @@
-"""What runs a model for predict, embed and evaluate: torch (prepare_for_inference) or onnxruntime on our export.
+"""What runs a model for predict, embed and evaluate: torch (prepare_for_inference), compile (the same, compiled by
+torch.compile's inductor with the weights frozen in), or onnxruntime on our export.
 
 onnxruntime is an optional extra (`pip install 'bigtransfer[onnx]'`), imported only when asked for. Its graph is
 the same folded export as `bigtransfer export` writes, and it is held to the same standard: on the first batch
@@ -9,6 +10,7 @@ ORT_RTOL stops the run before any result is used.
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,16 +23,22 @@ from ..model.resnetv2 import ResNetV2
 from .export import DEFAULT_RTOL, INPUT_NAME, ExportError, eager_logits, folded_module, output_name, rel_error, write_onnx
 from .inference_model import prepare_for_inference
 
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("torch", "compile", "onnxruntime")
+# Inductor's CPU code is C++, built on the first call: without a compiler it fails deep inside torch.
+CXX_COMPILERS = ("g++", "c++", "clang++")
 # The export check's tolerance: fp32 throughout, so only summation order differs (measured 1e-6 to 1e-5).
 ORT_RTOL = DEFAULT_RTOL
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_engine(engine: str, precision: str = "fp32", device: str = "auto") -> None:
-    """Refuse an unknown engine, or onnxruntime with a precision or device it does not run here."""
+    """Refuse an unknown engine, onnxruntime with a precision or device it does not run here, or compile on a CPU
+    without a C++ compiler."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "compile" and pick_device(device).type == "cpu" and not any(map(shutil.which, CXX_COMPILERS)):
+        raise UserError(f"--engine compile on a CPU needs a C++ compiler on PATH (one of {', '.join(CXX_COMPILERS)}; "
+                        "e.g. apt-get install g++); or use --engine torch")
     if engine == "onnxruntime":
         if precision != "fp32":
             raise UserError(f"--engine onnxruntime runs fp32 only, not {precision}; drop --precision "
@@ -93,5 +101,5 @@ def runner(model: ResNetV2, engine: str, precision: str, features: bool) -> Runn
     """A callable giving logits (or, with `features`, pre-logits) of a batch on the model's device, float32."""
     if engine == "onnxruntime":
         return OnnxRuntimeRunner(model, features)
-    fast = prepare_for_inference(model, precision=precision)
+    fast = prepare_for_inference(model, precision=precision, compile=engine == "compile")
     return fast.forward_features if features else fast

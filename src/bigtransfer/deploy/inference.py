@@ -213,8 +213,8 @@ def predict_files(model: ResNetV2, files: Sequence[str | os.PathLike], size: Siz
                   engine: str = "torch") -> tuple[list[Prediction], list[Skipped]]:
     """Top-k classes with softmax scores for every decodable file, and the files that were skipped.
 
-    `engine`: "torch" (prepare_for_inference) or "onnxruntime" (our ONNX export, fp32 on the CPU; see
-    bigtransfer.deploy.engines).
+    `engine`: "torch" (prepare_for_inference), "compile" (the same, torch.compile'd) or "onnxruntime" (our ONNX
+    export, fp32 on the CPU); see bigtransfer.deploy.engines.
     """
     if top_k < 1:
         raise UserError(f"top-k must be at least 1, got {top_k}")

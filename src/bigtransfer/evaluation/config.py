@@ -95,8 +95,10 @@ class FrozenEvalConfig:
     k: int = setting(DEFAULT_K, "neighbours that vote (default %(default)s; capped at the training size)")
     precision: str = setting("fp32", "inference precision (default %(default)s)", choices=UNSCALED_PRECISIONS)
     # bigtransfer.deploy.engines.ENGINES (named here: config modules import no torch; a test keeps them equal).
-    engine: str = setting("torch", "torch (default) or onnxruntime: our ONNX export run by onnxruntime, fp32 on the "
-                          "CPU, checked against the eager model on the first batch", choices=("torch", "onnxruntime"))
+    engine: str = setting("torch", "torch (default); compile: the same model compiled by torch.compile (about a "
+                          "minute's compile per image size on a CPU, which needs a C++ compiler); onnxruntime: our ONNX "
+                          "export run by onnxruntime, fp32 on the CPU, checked against the eager model on the first "
+                          "batch", choices=("torch", "compile", "onnxruntime"))
     batch: int = setting(32, "images per forward pass (default %(default)s)", metavar="N")
     workers: int | None = setting(None, "decoding processes (default: one per core, at most 8)", metavar="N")
     device: str = setting("auto", "auto (default), cpu, cuda, cuda:N or mps")
