@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bigtransfer.deploy import engines
+from bigtransfer.deploy.engines import compilers_needed
 from bigtransfer.deploy.inference_model import InferenceModel, native_precision, prepare_for_inference
 from bigtransfer.model.checkpoints import hf_to_state, load_state
 from bigtransfer.model.resnetv2 import WS_EPS_PEERS, PlainConv2d, ResNetV2
@@ -228,29 +230,47 @@ def test_model_traces_as_one_graph(train):
         assert all(p.grad is not None for p in model.parameters())
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+@pytest.mark.skipif(shutil.which(compilers_needed("cpu")[0]) is None, reason="inductor needs a C++ compiler")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_compile_engine_compiles_once_per_image_size_and_refuses_without_a_compiler(monkeypatch):
-    """--engine compile: eager's results; a folder's smaller last batch runs padded in the same graph (a second
-    compile would cost another minute on a CPU); without a C++ compiler a clear refusal before any work."""
+def test_compile_engine_compiles_once_per_batch_size_and_pads_smaller_batches():
+    """--engine compile: eager's results; a smaller batch (a folder's last) runs padded in a graph already built (a
+    new compile costs about a minute on a CPU), only a larger one compiles; the next runner on the same model (evaluate's
+    second split) reuses the compiled model."""
     from torch._dynamo.utils import counters
 
-    from bigtransfer.core.errors import UserError
-    from bigtransfer.deploy import engines
-
     model = _model("R14x0.5")
-    run = engines.runner(model, "compile", "fp32", features=True)
     x = _images(3, 32)
-    before = counters["stats"]["unique_graphs"]
     with torch.no_grad():
         want = model.forward_features(x)
-    assert _rel(run(x), want) < 1e-4
-    compiled = counters["stats"]["unique_graphs"]
-    assert compiled > before  # it did compile
-    last = run(x[:2])  # the folder's last batch
-    assert last.shape[0] == 2 and _rel(last, want[:2]) < 1e-4
-    assert counters["stats"]["unique_graphs"] == compiled  # no second graph
+
+    def graphs_after(run, batch: torch.Tensor) -> int:
+        out = run(batch)
+        assert out.shape[0] == len(batch) and _rel(out, want[:len(batch)]) < 1e-4
+        return counters["stats"]["unique_graphs"]
+
+    run = engines.runner(model, "compile", "fp32", features=True)
+    start = counters["stats"]["unique_graphs"]
+    two = graphs_after(run, x[:2])
+    assert two > start  # it compiled
+    three = graphs_after(run, x)  # larger than any compiled batch: compiles
+    assert three > two
+    assert graphs_after(run, x[:1]) == three  # padded to 2
+    assert graphs_after(engines.runner(model, "compile", "fp32", features=True), x[:2]) == three  # reused
+
+
+def test_compile_engine_is_refused_early_without_its_compiler(monkeypatch, tmp_path, capsys):
+    from bigtransfer.cli import main
+    from bigtransfer.core.errors import UserError
+
     monkeypatch.setattr(engines.shutil, "which", lambda name: None)
-    with pytest.raises(UserError, match="C\\+\\+ compiler"):
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(UserError, match="g\\+\\+"):
         engines.check_engine("compile", device="cpu")
     engines.check_engine("torch", device="cpu")
+    monkeypatch.setenv("CXX", "/opt/cc/bin/my-g++")  # the compiler the environment names is the one looked for
+    assert engines.compilers_needed("cpu") == ("/opt/cc/bin/my-g++",)
+    # predict and embed refuse before reading any file or model: neither the folder nor the model exists.
+    nothing = str(tmp_path / "nothing")
+    for verb in (["predict", nothing], ["embed", nothing, "--out", str(tmp_path / "e.npy")]):
+        assert main([*verb, "--model", "no-such-model", "--engine", "compile", "--device", "cpu"]) != 0
+        assert "my-g++" in capsys.readouterr().err

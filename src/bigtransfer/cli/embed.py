@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from .options import add_quiet
-from .predict import add_model_options, check_resolution, input_config, input_files, report_skip
+from .predict import add_model_options, check_model_options, input_config, input_files, report_skip
 
 HELP = "Compute pre-logit features (N x 2048*width) for every image under a folder; writes .npy + file list."
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.out}: --out must end in .npy")
     check_out_file(args.out)
     check_out_file(files_list_path(args.out), "the file list beside --out")
-    check_resolution(args)
+    check_model_options(args)
     files, problems = input_files(args.inputs, "embed")
     # The row list has one name per line: a name holding a newline could not be told from two.
     newline = [f for f in files if "\n" in str(f)]

@@ -47,6 +47,14 @@ def check_resolution(args: argparse.Namespace) -> None:
         raise UserError(f"--resolution must be positive, got {args.resolution}")
 
 
+def check_model_options(args: argparse.Namespace) -> None:
+    """check_resolution, and the engine with its precision and device, before any file or model is read."""
+    from ..deploy.engines import check_engine
+
+    check_resolution(args)
+    check_engine(args.engine, args.precision, args.device)
+
+
 def input_config(args: argparse.Namespace, model) -> dict:
     """The data config the model carries (see bigtransfer.model.preprocess), its size replaced by --resolution if given."""
     from ..model.preprocess import resolve_data_config
@@ -87,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.inference import label_names, load_model, predict_files
     from ..engine.metrics import to_json
 
-    check_resolution(args)
+    check_model_options(args)
     files, problems = input_files(args.images, "classify")
     if not files:
         return 1

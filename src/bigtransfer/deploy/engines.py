@@ -10,7 +10,9 @@ ORT_RTOL stops the run before any result is used.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,24 +23,24 @@ from ..core.errors import UserError
 from ..engine.device import pick_device
 from ..model.resnetv2 import ResNetV2
 from .export import DEFAULT_RTOL, INPUT_NAME, ExportError, eager_logits, folded_module, output_name, rel_error, write_onnx
-from .inference_model import prepare_for_inference
+from .inference_model import InferenceModel, prepare_for_inference
 
 ENGINES = ("torch", "compile", "onnxruntime")
-# Inductor's CPU code is C++, built on the first call: without a compiler it fails deep inside torch.
-CXX_COMPILERS = ("g++", "c++", "clang++")
 # The export check's tolerance: fp32 throughout, so only summation order differs (measured 1e-6 to 1e-5).
 ORT_RTOL = DEFAULT_RTOL
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def check_engine(engine: str, precision: str = "fp32", device: str = "auto") -> None:
-    """Refuse an unknown engine, onnxruntime with a precision or device it does not run here, or compile on a CPU
-    without a C++ compiler."""
+    """Refuse an unknown engine, onnxruntime with a precision or device it does not run here, or compile without the
+    compiler torch.compile needs on the device."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "compile" and pick_device(device).type == "cpu" and not any(map(shutil.which, CXX_COMPILERS)):
-        raise UserError(f"--engine compile on a CPU needs a C++ compiler on PATH (one of {', '.join(CXX_COMPILERS)}; "
-                        "e.g. apt-get install g++); or use --engine torch")
+    if engine == "compile":
+        needed = compilers_needed(pick_device(device).type)
+        if needed and not any(map(shutil.which, needed)):
+            raise UserError(f"--engine compile on this device builds its kernels with {' or '.join(needed)}, which is "
+                            "not on PATH (set CXX/CC, or install one: e.g. apt-get install g++); or use --engine torch")
     if engine == "onnxruntime":
         if precision != "fp32":
             raise UserError(f"--engine onnxruntime runs fp32 only, not {precision}; drop --precision "
@@ -46,6 +48,17 @@ def check_engine(engine: str, precision: str = "fp32", device: str = "auto") -> 
         if device not in ("auto", "cpu"):
             raise UserError(f"--engine onnxruntime runs on the CPU here, not on {device}; use --device cpu "
                             "or --engine torch")
+
+
+def compilers_needed(device_type: str) -> tuple[str, ...]:
+    """The compilers torch.compile looks for on this device type, first the one the environment names: inductor's
+    CPU code is C++ ($CXX, else g++; clang++ on macOS), Triton's CUDA launchers are C ($CC, else gcc or clang).
+    Without one, the first call fails deep inside torch."""
+    if device_type == "cpu":
+        return (os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"),)
+    if device_type == "cuda":
+        return (os.environ["CC"],) if os.environ.get("CC") else ("gcc", "clang")
+    return ()
 
 
 def engine_device(engine: str, precision: str = "fp32", device: str = "auto") -> torch.device:
@@ -101,5 +114,18 @@ def runner(model: ResNetV2, engine: str, precision: str, features: bool) -> Runn
     """A callable giving logits (or, with `features`, pre-logits) of a batch on the model's device, float32."""
     if engine == "onnxruntime":
         return OnnxRuntimeRunner(model, features)
-    fast = prepare_for_inference(model, precision=precision, compile=engine == "compile")
+    fast = _compiled(model, precision) if engine == "compile" else prepare_for_inference(model, precision=precision)
     return fast.forward_features if features else fast
+
+
+# The last compiled model, for the next call on the same model: evaluate embeds its two splits in two calls, a
+# script may call predict in a loop, and every new InferenceModel would compile again (about a minute on a CPU).
+_LAST_COMPILED: list[tuple[ResNetV2, str, InferenceModel]] = []
+
+
+def _compiled(model: ResNetV2, precision: str) -> InferenceModel:
+    if _LAST_COMPILED and _LAST_COMPILED[0][0] is model and _LAST_COMPILED[0][1] == precision:
+        return _LAST_COMPILED[0][2]
+    fast = prepare_for_inference(model, precision=precision, compile=True)
+    _LAST_COMPILED[:] = [(model, precision, fast)]
+    return fast

@@ -90,7 +90,8 @@ def _new_calibration_lock() -> None:
     _CALIBRATION = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_new_calibration_lock)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_new_calibration_lock)
 
 
 def _frozen_compile(fn):
@@ -141,7 +142,7 @@ class InferenceModel(nn.Module):
         self.__dict__["source"] = model
         self.frozen: ResNetV2 = None  # type: ignore[assignment]  # set by refresh()
         self._compiled: dict[bool, object] = {}
-        self._compiled_batch: dict[tuple[int, ...], int] = {}  # image shape -> the batch size its graph was built for
+        self._compiled_batches: dict[tuple[int, ...], set[int]] = {}  # image shape -> batch sizes compiled for it
         self._sig: tuple = ()
         self.refresh()
         super().eval()
@@ -251,11 +252,15 @@ class InferenceModel(nn.Module):
         return fn(x.to(self.dtype))
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        """Compiled: a batch smaller than the first of its image size (a folder's last) padded with blank images to
-        that size, so that one graph serves both instead of a second compile (30-60 s on a CPU). Each image's result
-        is its own: GroupNorm has no statistics across the batch."""
-        full = self._compiled_batch.setdefault(tuple(x.shape[1:]), x.shape[0])
-        return torch.cat([x, x.new_zeros(full - x.shape[0], *x.shape[1:])]) if x.shape[0] < full else x
+        """Compiled: a batch padded with blank images to the smallest batch size already compiled for its image size
+        that holds it (a folder's last batch), so that a graph serves it instead of a new compile (30-60 s on a CPU);
+        only a batch larger than every compiled one compiles. Each image's result is its own: GroupNorm has no
+        statistics across the batch. Kept across refresh(): the sizes, not the graphs."""
+        n = x.shape[0]
+        sizes = self._compiled_batches.setdefault(tuple(x.shape[1:]), set())
+        full = min((size for size in sizes if size >= n), default=n)
+        sizes.add(full)
+        return torch.cat([x, x.new_zeros(full - n, *x.shape[1:])]) if n < full else x
 
     def _run(self, x: torch.Tensor, features: bool) -> torch.Tensor:
         fn = self._function(features)

@@ -99,7 +99,7 @@ def extract_features(model: ResNetV2, files: Sequence[str | os.PathLike], resolu
 
     `cache`: True for the default folder, a folder path, or False/None to compute without caching.
     `weights`: the model's weights_digest, if already known. `engine`: as embed_files; the cache is shared by
-    both engines, whose features agree within the export check's tolerance.
+    the engines, whose features agree within the export check's tolerance.
     """
     key = cache_key(model, files, resolution, precision, weights)
     path: Path | None = None
