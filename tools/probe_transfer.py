@@ -58,13 +58,16 @@ def main() -> None:
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--base-lr", type=float, default=0.5, help="fine-tuning base lr at batch 512 (both models)")
     p.add_argument("--steps", type=int, default=DemoSettings.steps)
+    p.add_argument("--resolution", type=int, nargs=2, default=DemoSettings.resolution, metavar=("PRECROP", "CROP"),
+                   help="fine-tuning resolution (the linear probe uses CROP); default the demo's")
     p.add_argument("--tasks", nargs="+", default=list(DEMO_TASK_NAMES), choices=DEMO_TASK_NAMES,
                    help="the demo's tasks to fine-tune on (the linear probe is on the digits)")
     args = p.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     digits = write_digits(args.out / "digits")
-    settings = DemoSettings(tasks=tuple(args.tasks), shots=tuple(args.shots), seeds=args.seeds, steps=args.steps)
+    settings = DemoSettings(tasks=tuple(args.tasks), shots=tuple(args.shots), seeds=args.seeds, steps=args.steps,
+                            resolution=tuple(args.resolution))
     rows = []
     for i, path in enumerate(args.checkpoints):
         ckpt = as_checkpoint(path, args.arch, args.data, args.out)

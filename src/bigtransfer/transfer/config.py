@@ -124,11 +124,7 @@ class FinetuneConfig:
         if self.variant not in VARIANTS:
             raise UserError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.resolution is not None:
-            if len(self.resolution) != 2:
-                raise UserError(f"resolution must be two numbers PRECROP CROP, got {self.resolution!r}")
-            precrop, crop = self.resolution
-            if not (1 <= crop <= precrop):
-                raise UserError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
+            check_crops(self.resolution)
         if not (isinstance(self.val_fraction, int | float) and 0.0 < self.val_fraction < 1.0):
             raise UserError(f"val-fraction must be between 0 and 1, got {self.val_fraction!r}")
         alpha = self.mixup_alpha
@@ -183,6 +179,15 @@ def _apply_model_defaults(c: FinetuneConfig) -> None:
         c.resolution = tuple(recommended["resolution"])
 
 
+def check_crops(resolution: tuple[int, ...]) -> None:
+    """Refuse a (PRECROP, CROP) pair that is not two numbers with 1 <= CROP <= PRECROP."""
+    if len(resolution) != 2:
+        raise UserError(f"resolution must be two numbers PRECROP CROP, got {resolution!r}")
+    precrop, crop = resolution
+    if not (1 <= crop <= precrop):
+        raise UserError(f"resolution needs 1 <= CROP <= PRECROP, got PRECROP {precrop} CROP {crop}")
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """What the demo runs with (small enough for a CPU)."""
@@ -193,9 +198,12 @@ class DemoSettings:
     seeds: int = setting(3, "runs per K and model (default %(default)s)")
     steps: int = setting(60, "updates per run (default %(default)s)")
     batch: int = setting(32, "batch size (default %(default)s)")
-    # The HyperRule would squash these 8x8 images to 160 and crop 128. BiT-Mini was pre-trained at 64 px;
-    # 48/40 keeps most of its advantage (+14 points at 10-shot, seed 0) at a third of 72/64's cost.
-    resolution: tuple[int, int] = setting((48, 40), "(precrop, crop)", cli=False)
+    # The HyperRule would squash these 8x8 images to 160 and crop 128 (3-4x the time on a CPU). BiT-Mini was
+    # pre-trained at 48 px and does best near it; training from scratch does best at low resolution too, so the
+    # resolution decides the margins (measured in docs/models/BiT-Mini.md, "The seventh session").
+    resolution: tuple[int, int] = setting((48, 40), "squash-resize to PRECROP, random crops of CROP (default: 48 40; "
+                                          "the HyperRule's for images this small is 160 128, 3-4x slower)",
+                                          kind="resolution")
     flip: bool = setting(False, "a mirrored digit is not the same digit", cli=False)
     workers: int = setting(0, "100 tiny PNGs decode faster in-process than worker processes start", cli=False)
     test_per_class: int = setting(TEST_PER_CLASS, "held-out images per class", cli=False)
@@ -206,6 +214,7 @@ class DemoSettings:
         for name in ("seeds", "steps", "batch", "processes"):
             check_positive(f"--{name}", getattr(self, name), allow_none=name == "processes")
         check_positive_all("--shots", self.shots)
+        check_crops(self.resolution)
         if "emoji" in self.tasks and max(self.shots) > EMOJI_VIEWS[0]:
             raise UserError(f"--shots: the emoji task has {EMOJI_VIEWS[0]} training images per class, "
                             f"got {max(self.shots)}")

@@ -155,10 +155,15 @@ def _fine_tunes(jobs: list[Any], processes: int) -> list[dict[str, Any]]:
         return list(pool.map(_fine_tune, jobs))
 
 
+def hyperrule_note(resolution: tuple[int, int]) -> str:
+    """Whether the demo's resolution is the HyperRule's for its small images (160/128), said in a few words."""
+    return "the HyperRule's for small images" if tuple(resolution) == (160, 128) else "the HyperRule would use 160/128"
+
+
 def _print_settings(s: DemoSettings, models: tuple[DemoModel, ...]) -> None:
     print(f"Few-shot transfer: {', '.join(str(k) for k in s.shots)} training images per class, {s.seeds} seeds each; "
           f"{s.steps} steps of batch {s.batch}, images squashed to {s.resolution[0]}x{s.resolution[0]} with random "
-          f"{s.resolution[1]}x{s.resolution[1]} crops (the HyperRule would use 160/128), "
+          f"{s.resolution[1]}x{s.resolution[1]} crops ({hyperrule_note(s.resolution)}), "
           f"{'with' if s.flip else 'no'} horizontal flips{'' if s.flip else ' (a mirrored digit is another shape)'}.")
     for m in models:
         lr = m.base_lr if m.base_lr is not None else recommended_settings(m.model)["base_lr"]
