@@ -1,6 +1,6 @@
 """Why small batches are slow on a CPU: a model's convolutions alone, back to back, and with weights packed once.
 
-Records the convolution calls of one `prepare_for_inference` forward (fp32, the torch engine) and replays them:
+Records the convolution shapes of one `prepare_for_inference` forward (fp32, the torch engine) and replays them:
 each alone and warm (summed), all back to back, back to back with a memory pass between them (caches cold), and,
 where PyTorch has the private op inductor's freezing uses, on oneDNN with each weight reordered into its blocked
 layout once beforehand (what onnxruntime and `--engine compile` do). RESULTS.md, seventh session, reads the output.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bigtransfer.deploy.inference_model import prepare_for_inference
-from bigtransfer.model import gemmconv
+from bigtransfer.model.gemmconv import recording_convs
 from bigtransfer.model.resnetv2 import ResNetV2
 
 Call = tuple[torch.Tensor, torch.Tensor, int, int]  # input, weight, stride, padding
@@ -35,24 +35,13 @@ def ms_per_call(fn: Callable[[], object], reps: int = 20) -> float:
 
 
 def recorded_calls(fast, x: torch.Tensor) -> list[Call]:
-    """The (input, weight, stride, padding) of every convolution of one forward, GEMM-path ones included."""
-    calls: list[Call] = []
-    real_conv, real_gemm = gemmconv.F.conv2d, gemmconv.gemm_conv2d
-
-    def conv(inp, w, bias=None, stride=1, padding=0, *rest):
-        calls.append((inp.clone(memory_format=torch.channels_last), w, stride, padding))
-        return real_conv(inp, w, bias, stride, padding, *rest)
-
-    def gemm(inp, w, stride, padding):
-        calls.append((inp.clone(memory_format=torch.channels_last), w, stride, padding))
-        return real_gemm(inp, w, stride, padding)
-
-    gemmconv.F.conv2d, gemmconv.gemm_conv2d = conv, gemm
-    try:
+    """One (input, weight, stride, padding) per convolution of one forward, GEMM-path ones included, on random
+    data of the recorded shapes (the data does not change these kernels' speed: measured on the model's own)."""
+    with recording_convs() as keys:
         fast(x)
-    finally:
-        gemmconv.F.conv2d, gemmconv.gemm_conv2d = real_conv, real_gemm
-    return calls
+    return [(torch.randn(n, cin, h, w).contiguous(memory_format=torch.channels_last),
+             torch.randn(cout, cin, k, k).contiguous(memory_format=torch.channels_last), stride, pad)
+            for n, cin, h, w, cout, k, stride, pad in keys]
 
 
 def _pair(v: int | tuple[int, int]) -> list[int]:

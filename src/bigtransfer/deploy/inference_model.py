@@ -265,10 +265,9 @@ class InferenceModel(nn.Module):
     def _run(self, x: torch.Tensor, features: bool) -> torch.Tensor:
         fn = self._function(features)
         kernels = self._kernel_choices(x, fn) if self._calibrates and x.dim() == 4 else kernelcal.RULE
+        batch = self._padded(x) if self.compile and x.dim() == 4 else x
         with torch.no_grad(), kernelcal.in_force(kernels):
-            if self.compile and x.dim() == 4:
-                return self._call(fn, self._layout_input(self._padded(x)))[:len(x)].float()
-            return self._call(fn, self._layout_input(x)).float()
+            return self._call(fn, self._layout_input(batch))[:len(x)].float()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled pre-logits (N, 2048*w), float32."""
@@ -293,8 +292,8 @@ def prepare_for_inference(model: ResNetV2, precision: str = "fp32", channels_las
     BIGTRANSFER_CALIBRATE=0. False gives results that depend on the shapes only (GEMM_MAX_POSITIONS), never on
     timings.
     compile: also torch.compile the frozen copy (inductor, weights frozen in as constants): the first call of each
-    image size compiles (30-60 s for R50x1 on a 2-core CPU; a C++ compiler is needed there), a smaller batch later
-    runs padded to the first one's size, and a weight change recompiles.
+    image size and batch size compiles (30-60 s for R50x1 on a 2-core CPU; a C++ compiler is needed there), a
+    batch no larger than one already compiled runs padded to it, and a weight change recompiles.
     """
     fast = InferenceModel(model, precision, channels_last, compile, calibrate)
     device = next(model.parameters()).device

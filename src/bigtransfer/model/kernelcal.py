@@ -229,14 +229,22 @@ def plan(keys: Iterable[ConvKey], layouts: Iterable[bool] = (True, False), timer
     repeats): cached times, the missing shapes measured now and added to the cache."""
     counts = Counter(keys)
     info = machine()
-    path = cache_file(info, backward)
-    times = load(path, info)
-    missing = [key for key in counts if key not in times]
+    times = cached_times(cache_file(info, backward), info, CONV_ENTRIES, counts,
+                         lambda key: measure(key, timer, backward))
+    return choose(counts, times, tuple(layouts))
+
+
+def cached_times(path: Path, info: Mapping[str, str | int], entries: tuple[int, tuple[str, ...], tuple[str, ...]],
+                 keys: Iterable[tuple[int, ...]], measure_one: Callable[[tuple[int, ...]], dict[str, float | None]]
+                 ) -> Times:
+    """The cache at `path` with every shape of `keys` in it: those missing measured now and the file rewritten."""
+    times = load(path, info, entries)
+    missing = [key for key in dict.fromkeys(keys) if key not in times]
     for key in missing:
-        times[key] = measure(key, timer, backward)
+        times[key] = measure_one(key)
     if missing:
         save(path, info, times)
-    return choose(counts, times, tuple(layouts))
+    return times
 
 
 def measure_norm(key: NormKey, dtype: torch.dtype, timer: Timer | None = None,
@@ -266,13 +274,8 @@ def norm_plan(keys: Iterable[NormKey], dtype: torch.dtype, timer: Timer | None =
     keys = list(keys)
     name = str(dtype).removeprefix("torch.")
     info = {**machine(), "dtype": name}  # in the file's own check too, not only in its name
-    path = cache_file(info, backward, kind=f"norm-{name}")
-    times = load(path, info, NORM_ENTRIES)
-    missing = [key for key in dict.fromkeys(keys) if key not in times]
-    for key in missing:
-        times[key] = measure_norm(key, dtype, timer, backward)
-    if missing:
-        save(path, info, times)
+    times = cached_times(cache_file(info, backward, kind=f"norm-{name}"), info, NORM_ENTRIES, keys,
+                         lambda key: measure_norm(key, dtype, timer, backward))  # type: ignore[arg-type]
     return frozenset(k for k in keys if times[k]["nchw"] < NCHW_MARGIN * times[k]["cl"])  # type: ignore[operator]
 
 

@@ -44,7 +44,7 @@ from ..data.pretraining import InceptionCrop
 from ..data.sampling import mix_seed
 from ..deploy.inference import load_model
 from ..deploy.inference_model import prepare_for_inference
-from ..engine.device import autocast, autocast_dtype, describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.device import PRECISIONS, autocast, describe, grad_scaler, pick_device, sgd, training_layout
 from ..engine.metrics import to_json
 from ..engine.plots import RUN_PLOTS, chance_levels, write_plots
 from ..engine.progress import Progress
@@ -327,7 +327,7 @@ class _Distillation(_Training):
                             if self.data.eval else None)
         # Measured kernels, in what the run computes in (the GEMM path only for fp32: kernelcal.TrainingKernels).
         self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume,
-                                       dtype=autocast_dtype(c.precision) or torch.float32)
+                                       dtype=PRECISIONS[c.precision])
         self.open_log(resume)
 
     def update(self, step: int, micro_batches: Iterable[Any]) -> tuple[float, float, dict[str, Any]]:

@@ -47,7 +47,7 @@ from ..data.datasets import (
 )
 from ..data.sampling import mix_seed
 from ..deploy.inference_model import prepare_for_inference
-from ..engine.device import autocast_dtype, describe, grad_scaler, pick_device, sgd, training_layout
+from ..engine.device import PRECISIONS, describe, grad_scaler, pick_device, sgd, training_layout
 from ..engine.metrics import Evaluation, MetricsLog, read_jsonl, to_json
 from ..engine.plots import RUN_PLOTS, chance_levels, write_plots
 from ..engine.progress import Progress
@@ -374,7 +374,7 @@ class _Training:
         self.eval_loader = make_loader(eval_ds, c.eval_batch or self.micro, shuffle=False, workers=c.workers)
         # Measured kernels, in what the run computes in (the GEMM path only for fp32: kernelcal.TrainingKernels).
         self.kernels = TrainingKernels(self.rundir.kernels_file, keep=resume,
-                                       dtype=autocast_dtype(c.precision) or torch.float32)
+                                       dtype=PRECISIONS[c.precision])
         self.open_log(resume)
 
     def open_log(self, resume: bool) -> None:

@@ -51,7 +51,7 @@ from ..core.atomic import write_text
 from ..core.errors import UserError, is_user_error
 from ..core.runfolder import StopOnSignal
 from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
-from ..engine.device import autocast_dtype, sgd, training_layout
+from ..engine.device import PRECISIONS, sgd, training_layout
 from ..engine.metrics import MetricsLog, read_jsonl, to_json
 from ..engine.plots import write_plots
 from ..engine.progress import Progress
@@ -66,7 +66,7 @@ from ..model.preprocess import data_config
 from ..model.registry import resolve
 from ..model.resnetv2 import ResNetV2
 from . import distributed as dist_utils
-from .config import FULL_BATCH, LOSS_SETTINGS, LOSSES, PRECISIONS, PRESETS, Preset, PretrainConfig  # noqa: F401
+from .config import FULL_BATCH, LOSS_SETTINGS, LOSSES, PRESETS, Preset, PretrainConfig  # noqa: F401
 
 SIGMOID_HEAD_BIAS = -10.0  # the initial head bias of sigmoid runs (the authors' configs); softmax runs start at 0
 FULL_WARMUP = 5000
@@ -442,7 +442,7 @@ class _Pretraining:
         # could choose otherwise than before. Rank 0 keeps the choices (the rule's, for several) in the run folder.
         def open_kernels() -> None:
             self.kernels = TrainingKernels(self.rundir.kernels_file, keep=start > 0, measure=env.world_size == 1,
-                                           dtype=autocast_dtype(config.precision) or torch.float32)
+                                           dtype=PRECISIONS[config.precision])
 
         self.kernels = TrainingKernels(None, measure=False)  # the other ranks: rank 0's choices, below
         _main_first(env, open_kernels)  # a damaged kernels.json stops every rank
