@@ -461,7 +461,7 @@ def test_init_from_on_other_classes_gets_a_new_head_and_keeps_ws_eps(pretrained_
     config, _ = pretrained_run
     source = create_model("R14x0.5", pretrained=Path(config.out) / "checkpoint.safetensors", ws_eps=1e-8)
     ckpt = save_checkpoint(source, tmp_path / "eps.safetensors")
-    for c, colour in COLORS.items():  # single-label now: 3 classes, none of them a label set of the checkpoint
+    for c, colour in zip(("crimson", "lime", "navy"), COLORS.values(), strict=True):  # single-label, names it has no row of
         (tmp_path / "colours" / c).mkdir(parents=True)
         for i in range(4):
             Image.new("RGB", (24, 24), tuple(max(0, v - 12 * i) for v in colour)).save(tmp_path / "colours" / c / f"{i}.png")
@@ -474,9 +474,41 @@ def test_init_from_on_other_classes_gets_a_new_head_and_keeps_ws_eps(pretrained_
     end, meta = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert all(torch.equal(end[k], v) for k, v in start.items() if not k.startswith("head."))
     assert end["head.weight"].shape[0] == 3 and not end["head.weight"].any() and not end["head.bias"].any()
-    assert json.loads(meta["labels"]) == ["blue", "green", "red"] and float(meta["ws_eps"]) == 1e-8
+    assert json.loads(meta["labels"]) == ["crimson", "lime", "navy"] and float(meta["ws_eps"]) == 1e-8
     # A zero softmax head: the first loss is ln(3) whatever the backbone.
     assert _first_loss(tmp_path / "run") == pytest.approx(math.log(3.0), rel=1e-5)
+
+
+def test_init_from_on_more_classes_keeps_the_rows_of_the_labels_it_had(pretrained_run, tmp_path, one_thread):
+    """Continuing on data with an extra label: the head's rows move with their names, the new one starts at zero
+    weights and the sigmoid's -10 bias (both runs use sigmoid: the data is multi-label)."""
+    from dataclasses import replace
+
+    from bigtransfer import read_checkpoint
+    from bigtransfer.upstream.pretrain import run_pretrain
+
+    config, _ = pretrained_run
+    ckpt = Path(config.out) / "checkpoint.safetensors"
+    manifest = write_shapes_dataset(tmp_path / "more", n=24, seed=3)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for i, line in enumerate(lines):  # a fourth kind of label, first in sorted order: every old row moves
+        line["labels"] = line["labels"] + (["a-framed"] if i % 2 else [])
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # One update whose lr is 0 (the first of a warm-up): the checkpoint holds the head the run started with.
+    run = replace(config, data=str(manifest), out=str(tmp_path / "run"), init_from=str(ckpt), steps=1,
+                  warmup_steps=1, eval_every=1)
+    run_pretrain(run, progress=False)
+    start, old_meta = read_checkpoint(ckpt)
+    end, meta = read_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    old_labels, labels = json.loads(old_meta["labels"]), json.loads(meta["labels"])
+    assert labels == ["a-framed", *old_labels]
+    for j, name in enumerate(labels):
+        if name in old_labels:
+            i = old_labels.index(name)
+            assert torch.equal(end["head.weight"][j], start["head.weight"][i]), name
+            assert end["head.bias"][j] == start["head.bias"][i], name
+    assert not end["head.weight"][0].any() and end["head.bias"][0].item() == pytest.approx(-10.0)
+    assert start["head.weight"].any()  # the kept rows are trained ones, not zeros that would match anyway
 
 
 def test_init_from_refuses_another_architecture_and_unknown_sources(pretrained_run, tmp_path, capsys):

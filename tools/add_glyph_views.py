@@ -35,15 +35,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from bigtransfer.corpus.fonts import Font, FontError, find_fonts, open_font
-from bigtransfer.data.packed import PACKED_NAME, PackedError, open_packed
+from bigtransfer.data.packed import PACKED_NAME, PackedError, PackedSet, open_packed
 
 SIZE = 64
 CORE = set(string.ascii_letters + string.digits)  # the characters --ascii-extra adds views of
 
 
-def glyph_labels(root: Path, identity: bool) -> dict[int, list[int]]:
-    """For each glyph class of the packed set at `root`: the labels its new views get (from its first view's row)."""
-    packed = open_packed(root)
+def glyph_labels(packed: PackedSet, identity: bool) -> dict[int, list[int]]:
+    """For each glyph class of `packed`: the labels its new views get (from its first view's row)."""
     glyphs = {i for i, c in enumerate(packed.classes) if c.startswith("glyph:U+")}
     labels: dict[int, list[int]] = {}
     for row in range(len(packed)):
@@ -155,11 +154,16 @@ def new_views(classes: list[str], labels: dict[int, list[int]], fonts: list[Font
 
 
 def write_packed(src: Path, dst: Path, images: list[np.ndarray], targets: list[list[int]], only_new: bool,
-                 note: str) -> None:
-    """DST: SRC's val/ (or test/) as it is, and its train/ followed by the new views (or the new views only)."""
+                 note: str, classes: list[str] | None = None) -> None:
+    """DST: SRC's val/ (or test/) as it is, and its train/ followed by the new views (or the new views only).
+
+    `classes`: the class list of DST when the views add classes (SRC's, then the new ones), written to every split.
+    """
     if dst.exists():
         raise SystemExit(f"{dst}: already exists; choose another output folder or delete it")
     old = open_packed(src / "train")
+    if classes is not None and classes[:len(old.classes)] != old.classes:
+        raise ValueError("the new class list must start with the packed set's own classes")
     meta = json.loads((src / "train" / PACKED_NAME).read_text())
     keep = 0 if only_new else len(old)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +172,10 @@ def write_packed(src: Path, dst: Path, images: list[np.ndarray], targets: list[l
         for split in ("val", "test"):
             if (src / split).is_dir():
                 shutil.copytree(src / split, tmp / split)
+                if classes is not None:
+                    held = json.loads((tmp / split / PACKED_NAME).read_text())
+                    (tmp / split / PACKED_NAME).write_text(json.dumps({**held, "classes": classes},
+                                                                      ensure_ascii=False) + "\n")
         (tmp / "train").mkdir()
         out = np.lib.format.open_memmap(tmp / "train" / "images.npy", mode="w+", dtype=np.uint8,
                                         shape=(keep + len(images), SIZE, SIZE, 3))
@@ -185,12 +193,28 @@ def write_packed(src: Path, dst: Path, images: list[np.ndarray], targets: list[l
         flat = np.asarray([k for t in targets for k in t], dtype=indices.dtype)
         np.save(tmp / "train" / "label_indices.npy", np.concatenate([indices, flat]))
         meta.update(num_samples=keep + len(images), source=f"{meta.get('source')} + {note}")
+        if classes is not None:
+            meta["classes"] = classes
         (tmp / "train" / PACKED_NAME).write_text(json.dumps(meta, ensure_ascii=False) + "\n")
         os.chmod(tmp, 0o755)
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def open_source(src: Path, dst: Path, preview: bool) -> PackedSet:
+    """SRC's packed training set, refused unless DST is free (when writing) and its rows are SIZE x SIZE."""
+    if dst.exists() and not preview:
+        raise SystemExit(f"{dst}: already exists; choose another output folder or delete it")
+    try:
+        packed = open_packed(src / "train")
+    except PackedError as e:
+        raise SystemExit(str(e)) from None
+    if packed.images.shape[1:] != (SIZE, SIZE, 3):
+        raise SystemExit(f"{src / 'train'}: holds {packed.images.shape[1]}x{packed.images.shape[2]} images; the "
+                         f"views are {SIZE}x{SIZE} (pack the corpus with 'bigtransfer pack --size {SIZE}')")
+    return packed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,17 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=4, help="seed of the views (default %(default)s, the card's)")
     p.add_argument("--preview", type=Path, help="write a grid of the first 48 views to this PNG and stop")
     args = p.parse_args(argv)
-    if args.dst.exists() and not args.preview:
-        raise SystemExit(f"{args.dst}: already exists; choose another output folder or delete it")
-    try:
-        packed = open_packed(args.src / "train")
-        labels = glyph_labels(args.src / "train", args.labels == "identity")
-    except PackedError as e:
-        raise SystemExit(str(e)) from None
+    packed = open_source(args.src, args.dst, args.preview is not None)
+    labels = glyph_labels(packed, args.labels == "identity")
     classes = packed.classes
-    if packed.images.shape[1:] != (SIZE, SIZE, 3):
-        raise SystemExit(f"{args.src / 'train'}: holds {packed.images.shape[1]}x{packed.images.shape[2]} images; the "
-                         f"views are {SIZE}x{SIZE} (pack the corpus with 'bigtransfer pack --size {SIZE}')")
     fonts = load_fonts(args.fonts, args.family)
     images, targets = new_views(classes, labels, fonts, args.views, args.ascii_extra, args.seed,
                                 limit=48 if args.preview else None)

@@ -61,8 +61,8 @@ class PretrainConfig:
                          required=True)
     init_from: str | None = setting(None, "start from this checkpoint's weights (a path, or a model name with "
                                     "weights) instead of random ones: to continue a pre-training on new data. Its "
-                                    "head is kept when its labels are the data's classes, else a new one starts as "
-                                    "a random run's does; a resumed run no longer needs it",
+                                    "head's rows are kept for the data's classes of the same names; other classes "
+                                    "start as a random run's do; a resumed run no longer needs it",
                                     metavar="CKPT|NAME")
     preset: str = setting("bit-m", "upstream recipe: decay epochs, default length, batch 4096, 224 px (default "
                           "%(default)s)", choices=tuple(sorted(PRESETS)))

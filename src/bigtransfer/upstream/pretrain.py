@@ -198,14 +198,33 @@ def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.Di
             _main_first(env, lambda: loaded.update(model=_init_weights(config)))
             model = loaded.get("model") or _init_weights(config)
             keep_head = model.labels == classes
-            say(f"weights from {config.init_from}" + (f", its head too (the same {len(classes)} classes)" if keep_head
-                                                      else f"; a new head for the data's {len(classes)} classes"))
-            if not keep_head:
-                model.reset_head(len(classes), zero_init=True)
+            if keep_head:
+                say(f"weights from {config.init_from}, its head too (the same {len(classes)} classes)")
+            else:
+                _new_head(model, classes, config.loss, say, str(config.init_from))
+                keep_head = True
     if not keep_head:
         init_head(model, config.loss)
     model.labels = list(classes)
     return model
+
+
+def _new_head(model: ResNetV2, classes: list[str], loss: str, say: Callable[[str], None], source: str) -> None:
+    """A head for `classes` that keeps the source's rows of the labels it shares with them (by name); the rest
+    start as a random run's do. So a run continued on data with extra classes keeps what its head knew."""
+    old_labels = list(model.labels or [])
+    old = model.head
+    model.reset_head(len(classes), zero_init=True)
+    init_head(model, loss)
+    where = {name: i for i, name in enumerate(old_labels)}
+    shared = [(j, where[c]) for j, c in enumerate(classes) if c in where]
+    if shared and old is not None:
+        new_rows, old_rows = (torch.tensor(t) for t in zip(*shared, strict=True))
+        with torch.no_grad():
+            model.head.weight[new_rows] = old.weight[old_rows].to(model.head.weight.dtype)
+            model.head.bias[new_rows] = old.bias[old_rows].to(model.head.bias.dtype)
+    say(f"weights from {source}; a new head for the data's {len(classes)} classes"
+        + (f", {len(shared)} of its rows kept from the source's labels of the same names" if shared else ""))
 
 
 def _init_weights(config: PretrainConfig) -> ResNetV2:
