@@ -159,3 +159,57 @@ def test_photo_views_refuse_an_empty_root_and_leave_nothing(corpus, tmp_path):
     with pytest.raises(SystemExit, match="already exists"):
         add_photo_views.main([str(src), str(src), "--roots", str(tmp_path / "empty")])
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_a_picture_drawn_in_its_alpha_keeps_its_pattern(corpus, tmp_path):
+    """MATE's stripes are one RGB colour with the pattern in the alpha channel: drawn over grey, not made flat."""
+    src, _ = corpus
+    root = tmp_path / "alpha"
+    root.mkdir()
+    rgba = np.zeros((300, 300, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, ::20, 3] = 255  # white stripes, one column in 20, on a transparent picture
+    rgba[:, 1::20, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(root / "stripes.png")
+    Image.new("RGB", (300, 300), (90, 90, 90)).save(root / "flat.png")  # one colour: no picture to learn
+    dst = tmp_path / "out"
+    assert add_photo_views.main([str(src), str(dst), "--views", "8", "--roots", str(root)]) == 0
+    after = open_packed(dst / "train")
+    assert "photo:stripes" in after.classes and "photo:flat" not in after.classes
+    views = after.images[4:].astype(int)
+    assert len(views) == 8 and all(v.max() - v.min() > 60 for v in views)  # white stripes against the grey
+
+
+def test_photo_views_make_a_single_label_set_multi_label(corpus, pictures, tmp_path):
+    src, _ = corpus
+    with ShardWriter(tmp_path / "single" / "train", CLASSES, prefix="train", multi_label=False) as w:
+        for k in range(2):
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), (100 * k, 0, 0)).save(buf, format="PNG")
+            w.write(f"s{k}", buf.getvalue(), [k])
+    assert cli(["pack", str(tmp_path / "single"), str(tmp_path / "packed1")]) == 0
+    assert not open_packed(tmp_path / "packed1" / "train").multi_label
+    dst = tmp_path / "photos"
+    assert add_photo_views.main([str(tmp_path / "packed1"), str(dst), "--views", "3", "--roots", str(pictures)]) == 0
+    assert open_packed(dst / "train").multi_label  # a crop's picture and its grid cell: two labels
+
+
+def test_a_failure_while_writing_leaves_nothing_and_bad_counts_are_refused(corpus, pictures, tmp_path, monkeypatch):
+    src, _ = corpus
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(add_glyph_views.np, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        add_photo_views.main([str(src), str(tmp_path / "x"), "--views", "3", "--roots", str(pictures)])
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+    monkeypatch.undo()
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit) as stop:
+            add_photo_views.main([str(src), str(tmp_path / "x"), "--views", bad, "--roots", str(pictures)])
+        assert stop.value.code == 2
+    # The preview draws a grid from however few views there are, and writes no corpus.
+    assert add_photo_views.main([str(src), str(tmp_path / "x"), "--roots", str(pictures), "--preview",
+                                 str(tmp_path / "grid.png")]) == 0
+    assert Image.open(tmp_path / "grid.png").size == (12 * 64, 64) and not (tmp_path / "x").exists()

@@ -192,7 +192,8 @@ def write_packed(src: Path, dst: Path, images: list[np.ndarray], targets: list[l
         np.save(tmp / "train" / "label_offsets.npy", np.concatenate([offsets, offsets[-1] + added]).astype(np.int64))
         flat = np.asarray([k for t in targets for k in t], dtype=indices.dtype)
         np.save(tmp / "train" / "label_indices.npy", np.concatenate([indices, flat]))
-        meta.update(num_samples=keep + len(images), source=f"{meta.get('source')} + {note}")
+        meta.update(num_samples=keep + len(images), source=f"{meta.get('source')} + {note}",
+                    multi_label=bool(meta.get("multi_label")) or any(len(t) > 1 for t in targets))
         if classes is not None:
             meta["classes"] = classes
         (tmp / "train" / PACKED_NAME).write_text(json.dumps(meta, ensure_ascii=False) + "\n")
@@ -201,6 +202,14 @@ def write_packed(src: Path, dst: Path, images: list[np.ndarray], targets: list[l
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def save_grid(images: list[np.ndarray], path: Path, columns: int = 12) -> None:
+    """The views as one PNG, `columns` to a row (a short last row padded with black)."""
+    blank = np.zeros_like(images[0])
+    padded = images + [blank] * (-len(images) % columns)
+    rows = [np.concatenate(padded[k:k + columns], 1) for k in range(0, len(padded), columns)]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
 
 
 def open_source(src: Path, dst: Path, preview: bool) -> PackedSet:
@@ -217,18 +226,24 @@ def open_source(src: Path, dst: Path, preview: bool) -> PackedSet:
     return packed
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def views_parser(doc: str | None, preview: str) -> argparse.ArgumentParser:
+    """The arguments both tools take: SRC, DST, --only-new, --preview (which writes `preview` instead of DST)."""
+    p = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     p.add_argument("src", type=Path, help="a packed corpus folder (train/ and val/, from 'bigtransfer pack')")
     p.add_argument("dst", type=Path, help="the new packed corpus folder (must not exist)")
+    p.add_argument("--only-new", action="store_true", help="leave SRC's training images out")
+    p.add_argument("--preview", type=Path, help=f"write {preview} to this PNG and stop")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = views_parser(__doc__, "a grid of the first 48 views")
     p.add_argument("--views", type=int, default=40, help="views of each glyph class (default %(default)s)")
     p.add_argument("--ascii-extra", type=int, default=0, help="more views of each ASCII letter and digit")
     p.add_argument("--labels", choices=("identity", "corpus"), default="identity", help="see the module doc")
     p.add_argument("--fonts", nargs="+", default=["/usr/share/fonts"], help="font folders or files")
     p.add_argument("--family", help="only font families matching this regular expression")
-    p.add_argument("--only-new", action="store_true", help="leave SRC's training images out")
     p.add_argument("--seed", type=int, default=4, help="seed of the views (default %(default)s, the card's)")
-    p.add_argument("--preview", type=Path, help="write a grid of the first 48 views to this PNG and stop")
     args = p.parse_args(argv)
     packed = open_source(args.src, args.dst, args.preview is not None)
     labels = glyph_labels(packed, args.labels == "identity")
@@ -240,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         raise SystemExit("no view drawn: no font covers the corpus's glyph classes")
     if args.preview:
-        rows = [np.concatenate(images[k:k + 12], 1) for k in range(0, len(images) - len(images) % 12 or 12, 12)]
-        Image.fromarray(np.concatenate(rows, 0)).save(args.preview)
+        save_grid(images, args.preview)
         return 0
     note = (f"tools/add_glyph_views.py --views {args.views} --ascii-extra {args.ascii_extra} --labels {args.labels}"
             f" --seed {args.seed}" + (" --only-new" if args.only_new else ""))

@@ -11,9 +11,10 @@ cropped to 10-100%. The card's set was made with:
     python tools/add_photo_views.py /root/bitmini/packed /root/bitmini/packed-photos --views 400
 
 Pictures: every JPEG, PNG, WebP, GIMP pattern (.pat) and brush (.gbr) under the roots (default: Debian's wallpaper
-folders and GIMP's patterns; 143 pictures on Debian 12 with those packages). A KDE wallpaper's copies at several
+folders and GIMP's patterns; 148 pictures on Debian 12 with those packages). A KDE wallpaper's copies at several
 sizes are one picture (its largest file); screenshots and previews are left out, and files whose 16x16 thumbnails
-agree are one picture. Pictures are scaled to at most 1024 px first. The views are a function of the files and
+agree are one picture. Transparent pictures are drawn over mid grey, one-colour pictures left out, and all scaled
+to at most 1024 px first. The views are a function of the files and
 --seed. The result is written to a hidden partial folder and renamed when complete.
 """
 
@@ -27,13 +28,14 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from add_glyph_views import SIZE, open_source, write_packed  # the script beside this one, in tools/
+from add_glyph_views import SIZE, open_source, save_grid, views_parser, write_packed  # the script beside this one, in tools/
 from PIL import Image
 
 ROOTS = ["/usr/share/wallpapers", "/usr/share/backgrounds", "/usr/share/gimp/2.0/patterns"]
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".pat", ".gbr")
 LONGEST = 1024  # pictures are scaled down to this first: crops of 2% of the area stay larger than a view
 TEXTURE = 256  # a picture no larger than this is a texture tile
+FLAT = 2.0  # pixel standard deviation under which a picture is one colour: nothing to tell its crops apart by
 
 
 def read_gimp_pattern(path: Path) -> Image.Image:
@@ -77,18 +79,30 @@ def find_pictures(roots: list[str]) -> dict[str, Image.Image]:
     for key in sorted(best):
         path = best[key][1]
         try:
-            im = (read_gimp_pattern(path) if path.suffix.lower() == ".pat" else Image.open(path)).convert("RGB")
+            im = opaque(read_gimp_pattern(path) if path.suffix.lower() == ".pat" else Image.open(path))
         except (OSError, ValueError) as e:
             print(f"skipped {path}: {e}")
             continue
         if max(im.size) > LONGEST:
             s = LONGEST / max(im.size)
             im = im.resize((round(im.width * s), round(im.height * s)), Image.BOX)
+        if np.asarray(im).std() < FLAT:
+            print(f"skipped {path}: a flat picture")
+            continue
         thumb = hashlib.sha1((np.asarray(im.resize((16, 16), Image.BOX)) // 16).tobytes()).hexdigest()
         if thumb not in seen:
             seen.add(thumb)
             pictures[key] = im
     return pictures
+
+
+def opaque(im: Image.Image) -> Image.Image:
+    """RGB; a picture with transparency drawn over mid grey first (MATE's stripes are drawn in their alpha alone:
+    dropping it left them one flat colour)."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (128, 128, 128, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def crop_views(im: Image.Image, n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
@@ -141,27 +155,29 @@ def new_views(pictures: dict[str, Image.Image], classes: list[str], views: int, 
     return images, targets, classes
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("src", type=Path, help="a packed corpus folder (train/ and val/, from 'bigtransfer pack')")
-    p.add_argument("dst", type=Path, help="the new packed corpus folder (must not exist)")
-    p.add_argument("--views", type=int, default=400, help="crops of each picture (default %(default)s)")
+    p = views_parser(__doc__, "a grid of 4 crops of each of the first 24 pictures")
+    p.add_argument("--views", type=positive, default=400, help="crops of each picture (default %(default)s)")
     p.add_argument("--roots", nargs="+", default=ROOTS, help="folders to find pictures in (default: %(default)s)")
-    p.add_argument("--only-new", action="store_true", help="leave SRC's training images out")
     p.add_argument("--seed", type=int, default=8, help="seed of the crops (default %(default)s, the card's)")
-    p.add_argument("--preview", type=Path, help="write a grid of the first 96 views to this PNG and stop")
     args = p.parse_args(argv)
     packed = open_source(args.src, args.dst, args.preview is not None)
     pictures = find_pictures(args.roots)
     if not pictures:
         raise SystemExit(f"no picture under {', '.join(args.roots)} (see the module doc for the packages)")
-    images, targets, classes = new_views(pictures, packed.classes, args.views, args.seed,
-                                         limit=96 if args.preview else None)
-    print(f"{len(pictures)} pictures: {len(images)} new views, {len(classes) - len(packed.classes)} new classes")
-    if args.preview:
-        grid = [np.concatenate(images[k:k + 12], 1) for k in range(0, len(images) - 11, 12)]
-        Image.fromarray(np.concatenate(grid[:8], 0)).save(args.preview)
+    if args.preview:  # four crops of each of the first 24 pictures
+        save_grid(new_views(pictures, packed.classes, 4, args.seed, limit=96)[0], args.preview)
         return 0
+    images, targets, classes = new_views(pictures, packed.classes, args.views, args.seed)
+    print(f"{len(pictures)} pictures: {len(images)} new views, {len(classes) - len(packed.classes)} new classes")
     note = f"tools/add_photo_views.py --views {args.views} --seed {args.seed}" + (" --only-new" if args.only_new else "")
     write_packed(args.src, args.dst, images, targets, args.only_new, note, classes)
     print(f"wrote {args.dst}")

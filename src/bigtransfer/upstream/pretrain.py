@@ -177,7 +177,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
 
 def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.DistEnv, say: Callable[[str], None],
                   resumed: dict[str, Any] | None = None) -> ResNetV2:
-    """The model a run starts from: random weights, or --init-from's with its head kept when its labels are `classes`.
+    """The model a run starts from: random weights, or --init-from's, whose head rows are kept for `classes` it has.
 
     `resumed`: the "weights" record of the run's config.json when it resumes (the saved state then replaces the
     weights): an --init-from run is rebuilt with the ws_eps and padding it started with, without the source file.
@@ -186,7 +186,7 @@ def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.Di
     # fork_rng leaves the caller's global generator as it was (a new head's construction draws from it too).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        keep_head = False
+        head_ready = False  # else the head starts as a random run's (spec section 4)
         if config.init_from is None:
             model = create_model(config.model, num_classes=len(classes), pretrained=False)
         elif resumed is not None:  # the saved state replaces every weight: only ws_eps and padding matter
@@ -197,13 +197,12 @@ def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.Di
             # Rank 0 first, so that a model name is downloaded once; the others then read the cached file.
             _main_first(env, lambda: loaded.update(model=_init_weights(config)))
             model = loaded.get("model") or _init_weights(config)
-            keep_head = model.labels == classes
-            if keep_head:
+            if model.labels == classes:
                 say(f"weights from {config.init_from}, its head too (the same {len(classes)} classes)")
             else:
                 _new_head(model, classes, config.loss, say, str(config.init_from))
-                keep_head = True
-    if not keep_head:
+            head_ready = True
+    if not head_ready:
         init_head(model, config.loss)
     model.labels = list(classes)
     return model
