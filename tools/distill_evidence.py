@@ -152,6 +152,11 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(args.processes, mp_context=ctx) as ex:
         summaries = list(ex.map(_run, [job for _, job in jobs]))
+    write_report(args, labelled, teacher, jobs, summaries)
+
+
+def write_report(args: argparse.Namespace, labelled: Path, teacher: dict, jobs: list, summaries: list[dict]) -> None:
+    """The table (printed, and OUT/table.md) and every run's summary (OUT/results.json)."""
     rows: dict[str, list[float]] = {}
     for (name, _), s in zip(jobs, summaries, strict=True):
         rows.setdefault(name, []).append(s["top1"])
