@@ -185,7 +185,7 @@ def test_demo_digits_folder_and_a_tiny_demo_run(tmp_path, capsys):
     write_digits(tmp_path / "digits", test_per_class=3)  # reused, not rewritten
     assert some.stat().st_mtime_ns == mtime
 
-    settings = DemoSettings(shots=(1, 2), seeds=2, steps=2, batch=10, test_per_class=3, processes=1, resolution=(48, 40))
+    settings = DemoSettings(shots=(1, 2), seeds=2, steps=2, batch=10, test_per_class=3, processes=1)
     models = (DemoModel("tiny", "R14x0.5", base_lr=1.0), DemoModel("other", "R14x0.5", base_lr=0.1))
     results = run_demo(tmp_path, settings, models=models, quiet=True)
     out = capsys.readouterr().out
@@ -230,7 +230,7 @@ def test_demo_settings_refuse_more_shots_than_the_emoji_task_has():
 
 def test_demo_runs_a_task_named_twice_once(tmp_path, capsys):
     settings = DemoSettings(tasks=("digits", "digits"), shots=(1,), seeds=1, steps=1, batch=10, test_per_class=3,
-                            processes=1, resolution=(48, 40))
+                            processes=1)
     results = run_demo(tmp_path, settings, models=(DemoModel("tiny", "R14x0.5", base_lr=1.0),), quiet=True)
     assert len(results) == 1 and capsys.readouterr().out.count("1-shot digits") == 1
 

@@ -3,7 +3,8 @@
 The corpus `bigtransfer corpus` renders has icons, emoji and characters, and no photographs; issue 11 asked whether
 natural pictures from Debian packages would make BiT-Mini's features transfer better. This adds them exemplar-style:
 each picture is a class `photo:KEY`, and each cell of a 3x3 grid over a picture larger than 256 px a class
-`photo:KEY@ROW,COL` too (a view gets the cell that holds its centre). A view is a random crop of 2-25% of the
+`photo:KEY@ROW,COL` too (a view gets the cell that holds its centre). A view is an Inception-style crop
+(`random_resized_crop_box`, as pre-training draws) of 2-25% of the
 picture's area (aspect 3/4 to 4/3), resized to 64x64; a texture tile (at most 256 px) is tiled 2x2 first and
 cropped to 10-100%. The card's set was made with:
 
@@ -28,13 +29,18 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 from add_glyph_views import SIZE, open_source, save_grid, views_parser, write_packed  # the script beside this one, in tools/
 from PIL import Image
+
+from bigtransfer.data.pretraining import random_resized_crop_box
 
 ROOTS = ["/usr/share/wallpapers", "/usr/share/backgrounds", "/usr/share/gimp/2.0/patterns"]
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".pat", ".gbr")
 LONGEST = 1024  # pictures are scaled down to this first: crops of 2% of the area stay larger than a view
 TEXTURE = 256  # a picture no larger than this is a texture tile
+PHOTO_SCALE = (0.02, 0.25)  # of a picture's area: a crop shows a part of it, which its grid cell names
+TEXTURE_SCALE = (0.1, 1.0)  # of a 2x2 tiling of a texture tile
 FLAT = 2.0  # pixel standard deviation under which a picture is one colour: nothing to tell its crops apart by
 
 
@@ -105,35 +111,27 @@ def opaque(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def crop_views(im: Image.Image, n: int, rng: np.random.Generator) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+def crop_views(im: Image.Image, n: int, gen: torch.Generator) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
     """n random crops of `im` as SIZE x SIZE x 3 uint8 views, and the grid cell of each one's centre ((-1, -1): a
     texture, which has no cells)."""
     texture = max(im.size) <= TEXTURE
     if texture:
-        tiled = Image.new("RGB", (im.width * 2, im.height * 2))
-        for x in (0, im.width):
-            for y in (0, im.height):
-                tiled.paste(im, (x, y))
-        im, lo, hi = tiled, 0.1, 1.0
-    else:
-        lo, hi = 0.02, 0.25
+        im = Image.fromarray(np.tile(np.asarray(im), (2, 2, 1)))
+    scale = TEXTURE_SCALE if texture else PHOTO_SCALE
     W, H = im.size
     views, cells = [], []
     for _ in range(n):
-        area = rng.uniform(lo, hi) * W * H
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        w, h = int(min(W, round(np.sqrt(area * aspect)))), int(min(H, round(np.sqrt(area / aspect))))
-        x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-        crop = im.crop((x, y, x + w, y + h)).resize((SIZE, SIZE), Image.BILINEAR, reducing_gap=2.0)
-        views.append(np.asarray(crop, np.uint8))
-        cells.append((-1, -1) if texture else (min(2, 3 * (y + h // 2) // H), min(2, 3 * (x + w // 2) // W)))
+        box = random_resized_crop_box(W, H, gen, scale)
+        views.append(np.asarray(im.resize((SIZE, SIZE), Image.BILINEAR, box=box, reducing_gap=2.0), np.uint8))
+        x, y = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
+        cells.append((-1, -1) if texture else (min(2, 3 * y // H), min(2, 3 * x // W)))
     return views, cells
 
 
 def new_views(pictures: dict[str, Image.Image], classes: list[str], views: int, seed: int,
               limit: int | None = None) -> tuple[list[np.ndarray], list[list[int]], list[str]]:
     """`views` crops of every picture, their labels, and `classes` followed by the new class names."""
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     classes = list(classes)
     index = {c: i for i, c in enumerate(classes)}
 
@@ -148,7 +146,7 @@ def new_views(pictures: dict[str, Image.Image], classes: list[str], views: int, 
     for key, im in pictures.items():
         if limit is not None and len(images) >= limit:
             break
-        crops, cells = crop_views(im, views, rng)
+        crops, cells = crop_views(im, views, gen)
         for crop, (r, c) in zip(crops, cells, strict=True):
             images.append(crop)
             targets.append([label(f"photo:{key}")] + ([label(f"photo:{key}@{r},{c}")] if r >= 0 else []))

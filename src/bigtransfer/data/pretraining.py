@@ -95,13 +95,14 @@ class PretrainData:
 
 # ---------------------------------------------------------------- augmentation
 
-def random_resized_crop_box(width: int, height: int, gen: torch.Generator | None) -> tuple[int, int, int, int]:
-    """Inception-style crop (left, top, right, bottom): 8-100% of the area, aspect ratio 3/4 to 4/3."""
+def random_resized_crop_box(width: int, height: int, gen: torch.Generator | None,
+                            scale: tuple[float, float] = CROP_SCALE) -> tuple[int, int, int, int]:
+    """Inception-style crop (left, top, right, bottom): `scale` of the area (8-100%), aspect ratio 3/4 to 4/3."""
     area = width * height
     log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     for _ in range(CROP_TRIES):
         u = torch.rand(2, generator=gen, dtype=torch.float64).tolist()
-        target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0])
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
         ratio = math.exp(log_lo + (log_hi - log_lo) * u[1])
         w = int(round(math.sqrt(target * ratio)))
         h = int(round(math.sqrt(target / ratio)))
