@@ -314,7 +314,13 @@ def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any
             # Only rank 0 locks the folder: it alone writes there, and the other ranks may run on other nodes.
             _main_first(env, take_folder)
             stop = owner.enter_context(rundir.stop_on_signal(report=env.is_main))
-            return _run(config, rundir, env, progress, stop)
+            summary = _run(config, rundir, env, progress, stop)
+        # Gloo's worker threads free a finished collective's tensors after the caller has moved on, and that needs the
+        # GIL; a process that reaches interpreter shutdown first aborts ("terminate called without an active
+        # exception": DDP keeps the group alive past destroy_process_group). Waiting here in a barrier, with the GIL
+        # released, lets them finish on every rank. Only on success: after an error the other ranks may never come.
+        dist_utils.barrier()
+        return summary
     finally:
         dist_utils.cleanup()
 
