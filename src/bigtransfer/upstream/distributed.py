@@ -135,6 +135,11 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    # A 1x1 convolution's weight in channels-last has strides (C, 1, C, C), the gradient autograd makes (C, 1, 1, 1):
+    # the same bytes (the last two sizes are 1), but DDP compares strides and warns on the first update that this "may
+    # impair performance". It does not: the gradient then lives in the bucket view (a test checks that 1x1 weights
+    # are the only such parameters).
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     # gradient_as_bucket_view: gradients live in the all-reduce buckets instead of in a second copy.
     return DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                                    gradient_as_bucket_view=True)
