@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.errors import UserError
 from ..core.paths import shown
-from ..core.runfolder import defer_sigterm
 from .images import ImageError, open_rgb
+from .loaders import loader
 from .sampling import StepSampler, batch_indices, sample_seed
 from .sources import DataSourceError, find_examples, is_npz_row, npz_row
 from .transforms import EvalTransform, TrainTransform, eval_transform, train_transform
@@ -447,11 +447,8 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"workers must be >= 0, got {workers}")
-    common = dict(num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
-    if workers > 0:
-        common.update(prefetch_factor=4, worker_init_fn=defer_sigterm)  # the run stops them after saving
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     if shuffle:
         sampler = StepSampler(len(dataset), batch_size, seed, start_step, steps, batch_split)
-        return DataLoader(dataset, batch_sampler=sampler, **common)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+        return loader(dataset, workers, batch_sampler=sampler, pin_memory=pin)
+    return loader(dataset, workers, batch_size=batch_size, shuffle=False, pin_memory=pin)

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ..core.errors import UserError
 from ..core.paths import shown
-from ..core.runfolder import defer_sigterm
 from .datasets import DataSourceError, ImageDataset, Item, Skipped, load_splits
 from .images import to_tensor
+from .loaders import loader
 from .packed import PackedSet, crop_flip_batch, find_packed_sets, open_packed, squash_batch
 from .sampling import batch_indices, sample_seed
 from .shards import INDEX_NAME, ShardDataset, read_index
@@ -291,12 +291,6 @@ class RankStepSampler(Sampler[list[tuple[int, int]]]):
         return max(0, self.end - self.start) * self.split
 
 
-def _loader_options(workers: int, persistent: bool = True) -> dict:
-    # Workers ignore SIGTERM: the training process saves at the next step boundary and then stops them.
-    extra = {"prefetch_factor": 4, "persistent_workers": persistent, "worker_init_fn": defer_sigterm} if workers else {}
-    return {"num_workers": workers, "pin_memory": torch.cuda.is_available(), **extra}
-
-
 @dataclass
 class ShardData:
     """A WebDataset-style shard set to stream from, and optionally a held-out one (see `bigtransfer.data.shards`)."""
@@ -404,7 +398,7 @@ def train_batches(data: PretrainData | ShardData | PackedData, size: int, global
     if isinstance(data, PretrainData):
         sampler = RankStepSampler(len(data.train), global_batch, seed, rank, world_size, batch_split, start_step, end_step)
         dataset = MultiLabelDataset(data.train, len(data.classes), transform)
-        yield from DataLoader(dataset, batch_sampler=sampler, **_loader_options(workers))
+        yield from loader(dataset, workers, batch_sampler=sampler)
         return
 
     micro = global_batch // world_size // batch_split
@@ -419,7 +413,7 @@ def train_batches(data: PretrainData | ShardData | PackedData, size: int, global
         stream.set_epoch(epoch)
         got = 0
         # A new loader per epoch (its workers copy the epoch), so workers are not kept alive in between.
-        for batch in DataLoader(stream, batch_size=micro, drop_last=True, **_loader_options(workers, persistent=False)):
+        for batch in loader(stream, workers, persistent=False, batch_size=micro, drop_last=True):
             yield batch
             got += 1
             needed -= 1
@@ -443,17 +437,16 @@ def eval_batches(data: PretrainData | ShardData | PackedData, size: int, batch: 
         mine = [data.eval[i] for i in range(rank, n, world_size)]
         if not mine:
             return []
-        return DataLoader(MultiLabelDataset(mine, len(data.classes), transform), batch_size=batch,
-                          **_loader_options(workers))
+        return loader(MultiLabelDataset(mine, len(data.classes), transform), workers, batch_size=batch)
     if data.eval_root is None:
         return []
 
     stream = ShardDataset(data.eval_root, transform, rank=rank, world_size=world_size, shuffle_buffer=1)
-    loader = DataLoader(stream, batch_size=batch, **_loader_options(min(workers, len(stream.index.shards)), False))
+    batches = loader(stream, min(workers, len(stream.index.shards)), persistent=False, batch_size=batch)
     if limit is None:
-        return loader
+        return batches
     per_rank = math.ceil(limit / world_size / batch)
-    return (b for i, b in zip(range(per_rank), loader, strict=False))
+    return (b for i, b in zip(range(per_rank), batches, strict=False))
 
 
 # ---------------------------------------------------------------- sources

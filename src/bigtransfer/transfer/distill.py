@@ -40,6 +40,7 @@ from ..core.errors import UserError
 from ..core.version import __version__
 from ..data.datasets import ImageDataset, Item, eval_transform, load_splits, make_loader
 from ..data.images import is_image_path, to_tensor
+from ..data.loaders import workers_stopped
 from ..data.pretraining import InceptionCrop
 from ..data.sampling import mix_seed
 from ..deploy.inference import load_model
@@ -256,7 +257,7 @@ def run_distill(config: DistillConfig, on_step: Callable[[int, dict[str, Any]], 
     t_start = time.perf_counter()
     c = config.normalized()
     rundir = RunDir(c.out, files=RUN_FILES)
-    with rundir.lock(), rundir.stop_on_signal() as stop:
+    with rundir.lock(), rundir.stop_on_signal() as stop, workers_stopped():
         progress = Progress("nothing" if c.silent else "lines" if c.quiet else "bar", desc="distilling", unit="step")
         settings = _settings(c)
         resume, finished = run_status(rundir, c, settings)

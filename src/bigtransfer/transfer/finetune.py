@@ -45,6 +45,7 @@ from ..data.datasets import (
     make_loader,
     train_transform,
 )
+from ..data.loaders import workers_stopped
 from ..data.sampling import mix_seed
 from ..deploy.inference_model import prepare_for_inference
 from ..engine.device import PRECISIONS, describe, grad_scaler, pick_device, sgd, training_layout
@@ -225,7 +226,7 @@ def run_finetune(config: FinetuneConfig, on_step: Callable[[int, dict[str, Any]]
     t_start = time.perf_counter()
     c = config.normalized()
     rundir = RunDir(c.out, files=RUN_FILES)
-    with rundir.lock(), rundir.stop_on_signal() as stop:
+    with rundir.lock(), rundir.stop_on_signal() as stop, workers_stopped():
         return _run(c, rundir, on_step, t_start, stop, val_data)
 
 

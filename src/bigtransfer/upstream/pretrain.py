@@ -50,6 +50,7 @@ from torch import nn
 from ..core.atomic import write_text
 from ..core.errors import UserError, is_user_error
 from ..core.runfolder import StopOnSignal
+from ..data.loaders import workers_stopped
 from ..data.pretraining import eval_batches, load_pretrain_data, train_batches
 from ..engine.device import PRECISIONS, sgd, training_layout
 from ..engine.metrics import MetricsLog, read_jsonl, to_json
@@ -314,6 +315,7 @@ def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any
             # Only rank 0 locks the folder: it alone writes there, and the other ranks may run on other nodes.
             _main_first(env, take_folder)
             stop = owner.enter_context(rundir.stop_on_signal(report=env.is_main))
+            owner.enter_context(workers_stopped())
             summary = _run(config, rundir, env, progress, stop)
         # Gloo's worker threads free a finished collective's tensors after the caller has moved on, and that needs the
         # GIL; a process that reaches interpreter shutdown first aborts ("terminate called without an active
