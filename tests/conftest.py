@@ -6,7 +6,14 @@ import os
 import pytest
 import torch
 
-# Also for the subprocesses that tests start with a copy of os.environ taken at import: never time kernels.
+# A shell or CI runner may carry settings that change what runs: our own (a base URL, no folder lock, a kill
+# point), torchrun's (a rank), a proxy that would take the requests meant for the tests' servers on 127.0.0.1.
+# The suite, and the subprocesses its tests start with a copy of os.environ, run without them.
+for _name in [n for n in os.environ if n.startswith("BIGTRANSFER_")] + ["RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                        "MASTER_ADDR", "MASTER_PORT"]:
+    os.environ.pop(_name, None)
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+# Never time kernels (tests that do inject a timer).
 os.environ["BIGTRANSFER_CALIBRATE"] = "0"
 
 # One thread: measured 4-5x faster than two for these tiny models on a shared 2-core machine.

@@ -199,10 +199,11 @@ def test_init_from_on_two_processes_matches_one(data_and_reference):
     assert _norm(moved) > 1e-2 * _norm(start)
     # From a trained start the 4 updates move the weights about 8x farther than from random ones (measured 2.4%),
     # and FSDP's sums in another order differ with them: measured 1.3e-4 of the weights, 5e-3 of the update. A
-    # rank that started from other weights would be off by the size of the weights themselves.
-    assert _relative(one, two) < 3e-4
-    assert _relative(moved, {k: two[k] - start[k] for k in two}) < 1e-2
-    assert _losses(root / "init_two") == pytest.approx(_losses(root / "init_one"), rel=1e-4)  # measured 5.9e-5
+    # rank that started from other weights would be off by the size of the weights themselves. The limits leave
+    # 6-8x room for other CPUs' kernels, which sum in other orders again.
+    assert _relative(one, two) < 1e-3
+    assert _relative(moved, {k: two[k] - start[k] for k in two}) < 3e-2
+    assert _losses(root / "init_two") == pytest.approx(_losses(root / "init_one"), rel=5e-4)  # measured 5.9e-5
     # The head is kept (the same classes): the first loss is far below a fresh sigmoid head's (bias -10: 2-3
     # positives of 6 give at least 20), which is where the run from random weights began.
     assert _losses(root / "one")[0] >= first_sigmoid_loss(2, 6) > 20 > 2 * _losses(root / "init_one")[0]

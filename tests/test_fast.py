@@ -146,7 +146,9 @@ def test_bf16_keeps_top1_of_fp32(digits_model):
     assert out.dtype == torch.float32
     assert 0 < _rel(out, ref) < 0.1  # really computed in reduced precision, and close
     agree = (out.argmax(1) == ref.argmax(1)).float().mean().item()
-    assert agree >= 0.99, f"bf16 top-1 agrees with fp32 on only {agree:.1%} of {len(x)} digits"
+    # 2 of 597 flip on an AMX CPU, all near ties (9 digits have a top-2 gap under twice the typical bf16 error);
+    # other CPUs' bf16 kernels round elsewhere. A broken reduced-precision path agrees on a fraction.
+    assert agree >= 0.98, f"bf16 top-1 agrees with fp32 on only {agree:.1%} of {len(x)} digits"
     assert _rel(fast.forward_features(x), model.forward_features(x).detach()) < 0.1
 
 

@@ -68,10 +68,11 @@ def test_authors_layout_checkpoint_matches_independent_forward(tmp_path, depth, 
     name = f"R{depth}x{width:g}"
     model = create_model(name, pretrained=path).eval()
     assert model.num_classes == 11 and model.ws_eps == 1e-10
-    x = torch.rand(2, 3, size, size) * 2 - 1
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(depth)) * 2 - 1
     ref = reference_logits(arrays, x, depth)
     with torch.no_grad():
-        assert _rel(model(x), ref) < 1e-4  # float32 arithmetic
+        # float32 through 101 layers: up to 7e-5 over 60 random inputs on one CPU, so 2e-4 for other CPUs' kernels.
+        assert _rel(model(x), ref) < 2e-4
         assert _rel(model.double()(x.double()), ref) < 1e-5  # same precision: the architecture is exact
 
 
@@ -80,9 +81,9 @@ def test_conv_spelling_with_numeric_suffix_loads(tmp_path):
     path = tmp_path / "re-exported.npz"
     np.savez(path, **arrays)
     model = create_model("R14x0.5", pretrained=path).eval()
-    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        assert _rel(model(x), reference_logits(arrays, x, 14)) < 1e-5
+        assert _rel(model.double()(x.double()), reference_logits(arrays, x, 14)) < 1e-5  # same precision: exact
 
 
 def test_matches_hf_transformers_bit():
