@@ -194,7 +194,8 @@ def defer_sigterm(worker_id: int = 0) -> None:
     A scheduler signals every process of a job; a worker that died of it at once would make the training process
     fail mid-step instead of saving at the step boundary. The worker still ends WORKER_SIGTERM_GRACE_S later:
     ignoring the signal for good hung the parent at exit, since multiprocessing's exit handler terminates
-    left-over workers with SIGTERM and then waits for them.
+    left-over workers with SIGTERM and then waits for them (`bigtransfer.data.loaders` stops its loaders' workers
+    before that, so a run that ends normally does not wait for the grace period).
     """
     def end_later(signum: int, frame: object) -> None:
         timer = threading.Timer(WORKER_SIGTERM_GRACE_S, os._exit, (0,))
