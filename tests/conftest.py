@@ -12,9 +12,11 @@ import torch
 for _name in [n for n in os.environ if n.startswith("BIGTRANSFER_")] + ["RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                         "MASTER_ADDR", "MASTER_PORT"]:
     os.environ.pop(_name, None)
-os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
-# Never time kernels (tests that do inject a timer).
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(
+    [os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "", "127.0.0.1,localhost"]).lstrip(",")
+# Never time kernels (tests that do inject a timer) nor download, even in subprocesses given a copy taken now.
 os.environ["BIGTRANSFER_CALIBRATE"] = "0"
+os.environ["BIGTRANSFER_OFFLINE"] = "1"
 
 # One thread: measured 4-5x faster than two for these tiny models on a shared 2-core machine.
 torch.set_num_threads(1)

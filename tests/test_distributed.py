@@ -157,7 +157,8 @@ def test_torchrun_with_one_process_joins_a_group_and_wraps(monkeypatch):
 def test_gradients_laid_out_unlike_their_weights_are_1x1_kernels_in_the_same_bytes():
     """Why wrap_ddp silences DDP's "Grad strides do not match bucket view strides" warning in channels-last.
 
-    The multi-process ranks train with the default kernels (no measured choices), as this backward does."""
+    This backward uses the default kernels, as a multi-process run does unless it resumes a run that measured
+    its own (kernels.json); under those measured choices the same twelve 1x1 weights differ (checked once)."""
     from bigtransfer import create_model
     from bigtransfer.engine.device import training_layout
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import multiprocessing.util
 import weakref
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -34,13 +35,19 @@ _RUN: ContextVar[weakref.WeakSet[Any] | None] = ContextVar("bigtransfer_run_iter
 class _StoppableLoader(DataLoader):
     """A DataLoader that remembers its multi-process iterators (weakly), so that they can be stopped on time."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The run that made the loader owns it; a loader made elsewhere and read during a run is not stopped with it.
+        self._run = _RUN.get()
+
     def __iter__(self) -> Any:
+        if self._iterator is not None and self._iterator._shutdown:
+            self._iterator = None  # persistent workers stopped with their run: read again, start new ones
         iterator = super().__iter__()
         if self.num_workers > 0:
             _EVERY.add(iterator)
-            run = _RUN.get()
-            if run is not None:
-                run.add(iterator)
+            if self._run is not None:
+                self._run.add(iterator)
         return iterator
 
 
@@ -77,7 +84,10 @@ def stop_all_workers() -> None:
     _stop(_EVERY)
 
 
-# atexit runs the last-registered handler first. Registered after the handlers of multiprocessing (which signals
-# left-over workers) and of PyTorch (after which a loader's own stop does nothing), both registered on importing
-# torch, this one runs before them.
+# At exit the workers must be stopped before multiprocessing's exit handler signals them, and before PyTorch's
+# (after which a loader's own stop does nothing). atexit runs the last-registered handler first, and both were
+# registered on importing torch, PyTorch's first; but multiprocessing registers its handler again when its logger
+# is first asked for, and then runs first. So the same stop is also the first thing its handler does (finalizers of
+# priority >= 0 run before it terminates children; above 10, the priority of the queues' own closing).
 atexit.register(stop_all_workers)
+multiprocessing.util.Finalize(None, stop_all_workers, exitpriority=100)

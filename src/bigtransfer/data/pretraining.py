@@ -437,7 +437,9 @@ def eval_batches(data: PretrainData | ShardData | PackedData, size: int, batch: 
         mine = [data.eval[i] for i in range(rank, n, world_size)]
         if not mine:
             return []
-        return loader(MultiLabelDataset(mine, len(data.classes), transform), workers, batch_size=batch)
+        # A new loader for every evaluation: workers kept between passes would serve no second pass.
+        return loader(MultiLabelDataset(mine, len(data.classes), transform), workers, persistent=False,
+                      batch_size=batch)
     if data.eval_root is None:
         return []
 
