@@ -71,7 +71,7 @@ def _stop(iterators: weakref.WeakSet[Any]) -> None:
 
 @contextlib.contextmanager
 def workers_stopped() -> Iterator[None]:
-    """On leaving the block, however it is left, stop the workers of every `loader` iterated inside it."""
+    """On leaving the block, however it is left, stop the workers of every `loader` made inside it."""
     with scoped(_RUN, weakref.WeakSet()) as mine:
         try:
             yield
