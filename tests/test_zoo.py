@@ -3,6 +3,7 @@
 import hashlib
 import http.server
 import shutil
+import socket
 import threading
 
 import numpy as np
@@ -100,11 +101,12 @@ def test_offline_fails_fast_and_names_the_file(tmp_path):
 
 
 def test_unreachable_server_fails_with_hint(tmp_path, online, monkeypatch):
-    with _Server({}) as srv:
-        url = srv.url
-    monkeypatch.setenv("BIGTRANSFER_BASE_URL", url)  # the server is gone now
-    with pytest.raises(DownloadError, match="download failed"):
-        weights_file(RELEASED["BiT-S-R50x1"], progress=False)
+    # A port held bound but not listening refuses every connection (a closed server's port could be taken again).
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("BIGTRANSFER_BASE_URL", f"http://127.0.0.1:{held.getsockname()[1]}/")
+        with pytest.raises(DownloadError, match="download failed"):
+            weights_file(RELEASED["BiT-S-R50x1"], progress=False)
 
 
 def test_released_model_and_labels_through_a_mirror(tmp_path, online, monkeypatch):
