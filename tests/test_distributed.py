@@ -30,6 +30,15 @@ def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProc
     return done
 
 
+def _torchrun_failing(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "bigtransfer", "pretrain", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode != 0, done.stdout
+    return done
+
+
 def _run_here(args: list[str]) -> None:
     """The same command in this process, alone (world size 1)."""
     from bigtransfer.cli import main
@@ -208,3 +217,17 @@ def test_init_from_on_two_processes_matches_one(data_and_reference):
     # The head is kept (the same classes): the first loss is far below a fresh sigmoid head's (bias -10: 2-3
     # positives of 6 give at least 20), which is where the run from random weights began.
     assert _losses(root / "one")[0] >= first_sigmoid_loss(2, 6) > 20 > 2 * _losses(root / "init_one")[0]
+
+
+def test_an_error_on_rank_0_stops_both_processes_with_the_error_status(data_and_reference, tmp_path):
+    """Rank 0 reads --init-from alone; when it cannot, every rank stops with a one-line error and status 2, not
+    with a traceback, a hang until the collective timeout, or an abort at exit (Gloo's workers, see run_pretrain)."""
+    manifest, _ = data_and_reference
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    done = _torchrun_failing(["--data", str(manifest), "--out", str(tmp_path / "run"), "--init-from", str(bad),
+                              *COMMON])
+    assert str(bad) in done.stderr and "rank 0 stopped: " in done.stderr
+    assert "bigtransfer/upstream" not in done.stderr  # no traceback from a rank
+    # torchrun reports the first rank to fail (and may stop the other one itself).
+    assert "exitcode  : 2 " in done.stderr and "SIGABRT" not in done.stderr, done.stderr[-3000:]

@@ -320,8 +320,8 @@ def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any
         # Gloo's worker threads free a finished collective's tensors after the caller has moved on, and that needs the
         # GIL; a process that reaches interpreter shutdown first aborts ("terminate called without an active
         # exception": DDP keeps the group alive past destroy_process_group). A barrier here, with the GIL released,
-        # gives them the time (aborts at exit: 4 of 91 runs without it, 0 of 150 with it). Only on success: after an
-        # error the other ranks may never come, so an error raised on every rank may still end in that abort.
+        # gives them the time (aborts at exit: 4 of 91 runs without it, 0 of 150 with it). Not after an error: the
+        # other ranks may never come (an error that every rank raises, rank 0's unreadable --init-from: 0 aborts in 40).
         dist_utils.barrier()
         return summary
     finally:
