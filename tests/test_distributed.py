@@ -21,21 +21,12 @@ COMMON = ["--model", "R14x0.5", "--steps", "4", "--batch", "16", "--resolution",
           "--warmup-steps", "1", "--log-every", "1", "--workers", "0", "--quiet", "--holdout", "0.14"]
 
 
-def _torchrun(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: float = 240, fails: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "bigtransfer", "pretrain", *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done
-
-
-def _torchrun_failing(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "bigtransfer", "pretrain", *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode != 0, done.stdout
+    assert (done.returncode != 0) == fails, f"torchrun exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
 
 
@@ -221,12 +212,12 @@ def test_init_from_on_two_processes_matches_one(data_and_reference):
 
 def test_an_error_on_rank_0_stops_both_processes_with_the_error_status(data_and_reference, tmp_path):
     """Rank 0 reads --init-from alone; when it cannot, every rank stops with a one-line error and status 2, not
-    with a traceback, a hang until the collective timeout, or an abort at exit (Gloo's workers, see run_pretrain)."""
+    with a traceback, a hang until the collective timeout, or an abort at exit (see finish_together)."""
     manifest, _ = data_and_reference
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    done = _torchrun_failing(["--data", str(manifest), "--out", str(tmp_path / "run"), "--init-from", str(bad),
-                              *COMMON])
+    done = _torchrun(["--data", str(manifest), "--out", str(tmp_path / "run"), "--init-from", str(bad), *COMMON],
+                     fails=True)
     assert str(bad) in done.stderr and "rank 0 stopped: " in done.stderr
     assert "bigtransfer/upstream" not in done.stderr  # no traceback from a rank
     # torchrun reports the first rank to fail (and may stop the other one itself).

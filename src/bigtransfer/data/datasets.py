@@ -447,8 +447,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
     workers = default_workers() if workers is None else workers
     if workers < 0:
         raise UserError(f"workers must be >= 0, got {workers}")
-    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     if shuffle:
         sampler = StepSampler(len(dataset), batch_size, seed, start_step, steps, batch_split)
-        return loader(dataset, workers, batch_sampler=sampler, pin_memory=pin)
-    return loader(dataset, workers, batch_size=batch_size, shuffle=False, pin_memory=pin)
+        return loader(dataset, workers, pin_memory=pin_memory, batch_sampler=sampler)
+    return loader(dataset, workers, pin_memory=pin_memory, batch_size=batch_size, shuffle=False)

@@ -51,13 +51,14 @@ class _StoppableLoader(DataLoader):
         return iterator
 
 
-def loader(dataset: Dataset, workers: int, persistent: bool = True, **options: Any) -> DataLoader:
+def loader(dataset: Dataset, workers: int, persistent: bool = True, pin_memory: bool | None = None,
+           **options: Any) -> DataLoader:
     """A DataLoader over `dataset` with `workers` processes that defer SIGTERM (none: decoding in this process).
 
-    persistent: keep the workers between passes (an evaluation set read at every evaluation); `options` go to
-    DataLoader as they are (batch_size, batch_sampler, drop_last, ...); pin_memory defaults to having a CUDA GPU.
+    persistent: keep the workers between passes (an evaluation set read at every evaluation); pin_memory: None
+    pins when there is a CUDA GPU; `options` go to DataLoader as they are (batch_size, batch_sampler, drop_last, ...).
     """
-    options.setdefault("pin_memory", torch.cuda.is_available())
+    options["pin_memory"] = torch.cuda.is_available() if pin_memory is None else pin_memory
     if workers > 0:
         options.update(prefetch_factor=4, persistent_workers=persistent, worker_init_fn=defer_sigterm)
     return _StoppableLoader(dataset, num_workers=workers, **options)

@@ -101,6 +101,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish_together() -> None:
+    """Wait, at the end of a run, until every process gets here, before any of them leaves the group and exits.
+
+    Gloo's worker threads free a finished collective's tensors after the caller has moved on, and that needs the
+    GIL; a process that reaches interpreter shutdown first aborts ("terminate called without an active exception"),
+    since DDP keeps the group alive past destroy_process_group. The barrier, waited for with the GIL released, gives
+    them the time: 4 aborts in 91 two-process runs without it, 0 in 210 with it. (An error that every rank raises
+    together, rank 0's unreadable --init-from, gave 0 aborts in 40 runs without it.)
+    """
+    barrier()
+
+
 def cleanup() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():

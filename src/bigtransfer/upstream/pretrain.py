@@ -187,9 +187,9 @@ def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.Di
     # fork_rng leaves the caller's global generator as it was (a new head's construction draws from it too).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        head_ready = False  # else the head starts as a random run's (spec section 4)
         if config.init_from is None:
             model = create_model(config.model, num_classes=len(classes), pretrained=False)
+            init_head(model, config.loss)
         elif resumed is not None:  # the saved state replaces every weight: only ws_eps and padding matter
             model = ResNetV2(resolve(config.model).arch, len(classes), ws_eps=float(resumed["ws_eps"]),
                              padding=str(resumed["padding"]))
@@ -202,9 +202,6 @@ def initial_model(config: PretrainConfig, classes: list[str], env: dist_utils.Di
                 say(f"weights from {config.init_from}, its head too (the same {len(classes)} classes)")
             else:
                 _new_head(model, classes, config.loss, say, str(config.init_from))
-            head_ready = True
-    if not head_ready:
-        init_head(model, config.loss)
     model.labels = list(classes)
     return model
 
@@ -317,12 +314,7 @@ def run_pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any
             stop = owner.enter_context(rundir.stop_on_signal(report=env.is_main))
             owner.enter_context(workers_stopped())
             summary = _run(config, rundir, env, progress, stop)
-        # Gloo's worker threads free a finished collective's tensors after the caller has moved on, and that needs the
-        # GIL; a process that reaches interpreter shutdown first aborts ("terminate called without an active
-        # exception": DDP keeps the group alive past destroy_process_group). A barrier here, with the GIL released,
-        # gives them the time (aborts at exit: 4 of 91 runs without it, 0 of 150 with it). Not after an error: the
-        # other ranks may never come (an error that every rank raises, rank 0's unreadable --init-from: 0 aborts in 40).
-        dist_utils.barrier()
+        dist_utils.finish_together()  # only on success: after an error the other ranks may never come
         return summary
     finally:
         dist_utils.cleanup()
